@@ -1,0 +1,137 @@
+"""nf_gcbc.py end to end through its CLI, on a tiny pointmaze dataset made by the test."""
+
+import csv
+import math
+import os
+import shutil
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+import torch
+import tyro
+
+import make_dataset
+import nf_gcbc
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+ENV = "pointmaze-medium-navigate-v0"
+QUICK = ["--total-steps", "6", "--batch-size", "16", "--log-interval", "2", "--eval-interval", "3",
+         "--save-interval", "3", "--eval-episodes", "2", "--eval-max-steps", "5", "--warmup-steps", "2",
+         "--num-blocks", "2", "--hidden-dim", "32", "--no-cuda"]  # fmt: skip
+
+
+@pytest.fixture(scope="module")
+def data_dir(tmp_path_factory):
+    path = tmp_path_factory.mktemp("data")
+    make_dataset.make_dataset(make_dataset.Args(env_name=ENV, dataset_dir=str(path), num_transitions=1_000, episode_steps=250, num_workers=1))
+    return str(path)
+
+
+def run(argv):
+    return nf_gcbc.main(tyro.cli(nf_gcbc.Args, args=argv))
+
+
+def params(path):
+    return torch.load(path, weights_only=True)["policy"]
+
+
+@pytest.mark.parametrize("policy", ["flow", "gaussian"])
+def test_run_writes_evaluations_and_checkpoints_that_reload(tmp_path, data_dir, policy):
+    run_dir, trained = run(["--env-id", ENV, "--dataset-dir", data_dir, "--output-dir", str(tmp_path), "--policy", policy] + QUICK)
+    with open(f"{run_dir}/eval.csv") as f:
+        rows = list(csv.DictReader(f))
+    assert [int(r["step"]) for r in rows] == [0, 3, 6]
+    for row in rows:
+        for key in [f"task{t}_success" for t in range(1, 6)] + ["success", "val_nll"]:
+            assert math.isfinite(float(row[key])), key
+    checkpoint = torch.load(f"{run_dir}/checkpoints/step_6.pt", weights_only=True)
+    args = nf_gcbc.Args(**checkpoint["args"])
+    reloaded = (nf_gcbc.FlowPolicy if policy == "flow" else nf_gcbc.GaussianPolicy)(2, 2, args)
+    reloaded.load_state_dict(checkpoint["policy"])
+    obs, goals = torch.randn(8, 2) * 5, torch.randn(8, 2) * 5
+    with torch.no_grad():
+        acts = [p.act(obs, goals, torch.Generator().manual_seed(3), 0.1, True) for p in (trained, reloaded)]
+    torch.testing.assert_close(acts[0], acts[1], rtol=0, atol=0)
+    assert (tmp_path / run_dir.split("/")[-1] / "args.json").exists()
+
+
+@pytest.mark.parametrize("policy", ["flow", "gaussian"])
+def test_resumed_run_matches_an_uninterrupted_one(tmp_path, data_dir, policy):
+    run_dir, _ = run(["--env-id", ENV, "--dataset-dir", data_dir, "--output-dir", str(tmp_path / "a"), "--policy", policy] + QUICK)
+    copy = str(tmp_path / "copy")
+    shutil.copytree(run_dir, copy)
+    run(["--resume", f"{copy}/checkpoints/step_3.pt"])
+    for key, value in params(f"{run_dir}/checkpoints/step_6.pt").items():
+        torch.testing.assert_close(params(f"{copy}/checkpoints/step_6.pt")[key], value, rtol=0, atol=0)
+    with open(f"{copy}/eval.csv") as f:
+        assert [int(r["step"]) for r in csv.DictReader(f)] == [0, 3, 6]
+    # the same seed gives the same numbers
+    again, _ = run(["--env-id", ENV, "--dataset-dir", data_dir, "--output-dir", str(tmp_path / "b"), "--policy", policy] + QUICK)
+    for key, value in params(f"{run_dir}/checkpoints/step_6.pt").items():
+        torch.testing.assert_close(params(f"{again}/checkpoints/step_6.pt")[key], value, rtol=0, atol=0)
+
+
+def test_resume_from_run_directory_picks_the_last_checkpoint(tmp_path, data_dir):
+    run_dir, _ = run(["--env-id", ENV, "--dataset-dir", data_dir, "--output-dir", str(tmp_path)] + QUICK)
+    assert nf_gcbc.find_checkpoint(run_dir).endswith("step_6.pt")
+
+
+def test_clear_errors(tmp_path, data_dir):
+    base = ["--dataset-dir", data_dir, "--output-dir", str(tmp_path)] + QUICK
+    with pytest.raises(SystemExit, match="did you mean pointmaze-medium-navigate-v0"):
+        run(["--env-id", "pointmaze-medum-navigate-v0"] + base)
+    with pytest.raises(SystemExit, match="python make_dataset.py pointmaze-large-navigate-v0"):
+        run(["--env-id", "pointmaze-large-navigate-v0", "--dataset-dir", str(tmp_path / "empty")] + QUICK)
+    with pytest.raises(SystemExit, match="singletask"):
+        run(["--env-id", "pointmaze-medium-navigate-singletask-task1-v0"] + base)
+    with pytest.raises(SystemExit, match="non-finite training loss at step"):
+        run(["--env-id", ENV, "--learning-rate", "1e9"] + base)
+    with pytest.raises(SystemExit, match="gamma"):
+        run(["--env-id", ENV, "--gamma", "1.0"] + base)
+    bad = tmp_path / "bad"
+    bad.mkdir()
+    (bad / f"{ENV}.npz").write_bytes(b"not a zip file")
+    (bad / f"{ENV}-val.npz").write_bytes(b"not a zip file")
+    with pytest.raises(SystemExit, match="could not read"):
+        run(["--env-id", ENV, "--dataset-dir", str(bad)] + QUICK)
+
+
+def test_goals_come_from_the_same_trajectory(data_dir):
+    import ogbench
+
+    _, train, _ = ogbench.make_env_and_datasets(ENV, dataset_dir=data_dir)
+    dataset = nf_gcbc.GoalDataset(train, torch.device("cpu"))
+    trajectory = np.searchsorted(np.flatnonzero(train["terminals"]), np.arange(dataset.size))
+    idx, goal_idx = dataset.sample_indices(5_000, 0.97, np.random.default_rng(0))
+    assert (trajectory[goal_idx] == trajectory[idx]).all()
+    offsets = goal_idx - idx
+    assert offsets.min() >= 0 and (offsets > 0).mean() > 0.9  # 0 only at a trajectory's last transition
+    far = dataset.final[idx] - idx >= 200  # here the trajectory's end cuts almost no offset (0.97^199 = 0.2%)
+    assert far.sum() > 500 and abs(offsets[far].mean() - 1 / 0.03) < 4  # geometric, mean 1 / (1 - gamma)
+    obs, actions, goals = dataset.sample(64, 0.97, np.random.default_rng(1))
+    assert obs.shape == goals.shape == (64, 2) and actions.shape == (64, 2)
+
+
+def can_render():
+    code = "import gymnasium, ogbench; e = gymnasium.make('pointmaze-medium-v0', render_mode='rgb_array', width=32, height=32); e.reset(); e.render()"
+    return subprocess.run([sys.executable, "-c", code], env=dict(os.environ, MUJOCO_GL="egl"), capture_output=True).returncode == 0
+
+
+@pytest.mark.skipif(not can_render(), reason="no offscreen OpenGL (EGL) for MuJoCo here")
+def test_capture_video_writes_one_video_per_task_and_evaluation(tmp_path, data_dir):
+    argv = ["--env-id", ENV, "--dataset-dir", data_dir, "--output-dir", str(tmp_path), "--capture-video"] + QUICK
+    out = subprocess.run([sys.executable, "nf_gcbc.py"] + argv, cwd=ROOT, env=dict(os.environ, MUJOCO_GL="egl", OMP_NUM_THREADS="1"),
+                         capture_output=True, text=True)  # fmt: skip
+    assert out.returncode == 0, out.stderr[-2000:]
+    (run_dir,) = list(tmp_path.iterdir())
+    videos = sorted(os.listdir(run_dir / "videos"))
+    assert len(videos) == 15 and all(os.path.getsize(run_dir / "videos" / v) > 0 for v in videos)
+
+
+def test_capture_video_without_a_display_says_how(tmp_path, data_dir, monkeypatch):
+    monkeypatch.delenv("DISPLAY", raising=False)
+    monkeypatch.delenv("MUJOCO_GL", raising=False)
+    with pytest.raises(SystemExit, match="MUJOCO_GL=egl"):
+        run(["--env-id", ENV, "--dataset-dir", data_dir, "--output-dir", str(tmp_path), "--capture-video"] + QUICK)
