@@ -46,7 +46,7 @@ class LULinear(nn.Module):
         self.lower = nn.Parameter(torch.stack(lowers))  # only the strictly lower part is used
         self.upper = nn.Parameter(upper)  # only the strictly upper part is used
         self.log_abs_s = nn.Parameter(s.abs().log())  # [T, D]
-        self._cache = None
+        self._cache = {}  # inverse (bool) -> (parameter versions, matrices)
 
     def log_det(self) -> Tensor:
         """log|det W| summed over all blocks (a scalar: it does not depend on x)."""
@@ -57,9 +57,10 @@ class LULinear(nn.Module):
         parameters are unchanged, so evaluation never rebuilds or re-inverts them (torch.compile, which
         would recompile on the cache, bypasses it)."""
         use_cache = not torch.is_grad_enabled() and not torch.compiler.is_compiling()
-        key = (inverse,) + tuple((p._version, p.data_ptr()) for p in (self.lower, self.upper, self.log_abs_s)) if use_cache else None
-        if use_cache and self._cache is not None and self._cache[0] == key:
-            return self._cache[1]
+        if use_cache:
+            key = tuple((p._version, p.data_ptr()) for p in (self.lower, self.upper, self.log_abs_s))
+            if inverse in self._cache and self._cache[inverse][0] == key:
+                return self._cache[inverse][1]
         lower = self.lower * self.lower_mask + self.eye
         upper = self.upper * self.lower_mask.mT + torch.diag_embed(self.sign_s * self.log_abs_s.exp())
         if inverse:  # W^-1 = (U + diag s)^-1 L^-1 P^T by two triangular solves
@@ -69,7 +70,7 @@ class LULinear(nn.Module):
             m = self.perm @ lower @ upper
         m = m.unbind(0)
         if use_cache:
-            self._cache = (key, m)
+            self._cache[inverse] = (key, m)
         return m
 
 
