@@ -356,7 +356,8 @@ def main(args: Args):
           f"transitions, device {device}; writing to {run_dir}")  # fmt: skip
 
     val_obs, val_actions, val_goals = val.sample(1_024, args.gamma, np.random.default_rng(0))  # one fixed batch
-    val_actions = val_actions + args.noise_std * torch.randn(val_actions.shape, generator=torch.Generator(device).manual_seed(0), device=device)
+    val_noise = torch.randn(val_actions.shape, generator=torch.Generator(device).manual_seed(0), device=device)
+    val_actions = val_actions + args.noise_std * val_noise
 
     def validation_nll():
         with torch.no_grad():
@@ -369,7 +370,8 @@ def main(args: Args):
             csv.writer(f).writerow([step, round(time.time() - start_time, 1)] + [stats[k] for k in fields[2:]])
         for k, v in stats.items():
             writer.add_scalar(f"eval/{k}", v, step)
-        print(f"step {step}: success {stats['success']:.3f} (" + ", ".join(f"{stats[f'task{t}_success']:.2f}" for t in range(1, num_tasks + 1)) + f"), val NLL {stats['val_nll']:.3f}")
+        per_task = ", ".join(f"{stats[f'task{t}_success']:.2f}" for t in range(1, num_tasks + 1))
+        print(f"step {step}: success {stats['success']:.3f} ({per_task}), val NLL {stats['val_nll']:.3f}")
 
     def save(step):
         torch.save({"policy": policy.state_dict(), "optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(),
