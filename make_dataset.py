@@ -13,12 +13,10 @@ Episodes are seeded one by one from --seed, so the files are the same for any --
 written under a temporary name and renamed, so a killed run never leaves a file that loads.
 """
 
-import dataclasses
 import difflib
 import math
 import multiprocessing
 import os
-import re
 import time
 from dataclasses import dataclass
 from typing import Dict, Optional

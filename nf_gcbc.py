@@ -27,7 +27,6 @@ import gymnasium
 import numpy as np
 import ogbench
 import torch
-import torch.nn.functional as F
 import tyro
 from torch import nn
 from torch.utils.tensorboard import SummaryWriter
