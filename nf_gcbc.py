@@ -393,18 +393,20 @@ def main(args: Args):
         scheduler.step()
         first_bad_step = torch.where((first_bad_step < 0) & ~torch.isfinite(loss), step, first_bad_step)
 
-        if step % args.log_interval == 0 or step == args.total_steps:
-            if first_bad_step.item() >= 0:
+        last = step == args.total_steps
+        if any(step % n == 0 for n in (args.log_interval, args.eval_interval, args.save_interval)) or last:
+            if first_bad_step.item() >= 0:  # before anything logs, evaluates or saves a broken policy
                 raise SystemExit(f"non-finite training loss at step {first_bad_step.item()}; stopping "
                                  f"(try a lower --learning-rate or a larger --noise-std)")  # fmt: skip
+        if step % args.log_interval == 0 or last:
             speed = (step - last_log_step) / (time.time() - last_log_time)
             last_log_time, last_log_step = time.time(), step
             writer.add_scalar("train/nll", loss.item(), step)
             writer.add_scalar("train/lr", scheduler.get_last_lr()[0], step)
             writer.add_scalar("perf/steps_per_second", speed, step)
-        if step % args.eval_interval == 0 or step == args.total_steps:
+        if step % args.eval_interval == 0 or last:
             run_evaluation(step)
-        if step % args.save_interval == 0 or step == args.total_steps:
+        if step % args.save_interval == 0 or last:
             save(step)
     writer.close()
     if args.track:

@@ -135,3 +135,11 @@ def test_capture_video_without_a_display_says_how(tmp_path, data_dir, monkeypatc
     monkeypatch.delenv("MUJOCO_GL", raising=False)
     with pytest.raises(SystemExit, match="MUJOCO_GL=egl"):
         run(["--env-id", ENV, "--dataset-dir", data_dir, "--output-dir", str(tmp_path), "--capture-video"] + QUICK)
+
+
+def test_non_finite_loss_stops_before_a_checkpoint_is_written(tmp_path, data_dir):
+    argv = ["--env-id", ENV, "--dataset-dir", data_dir, "--output-dir", str(tmp_path), "--learning-rate", "1e9"] + QUICK
+    argv += ["--log-interval", "1000"]  # logging never comes first: the save at step 3 must still be guarded
+    with pytest.raises(SystemExit, match="non-finite training loss at step"):
+        run(argv)
+    assert not list(tmp_path.glob("*/checkpoints/*.pt"))
