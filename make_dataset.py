@@ -8,6 +8,12 @@ singletask names included (qpos, qvel and button_states are stored).
 
     python make_dataset.py pointmaze-medium-navigate-v0                      # OGBench's size, ~/.ogbench/data
     python make_dataset.py cube-single-play-v0 --num-transitions 100_000 --dataset-dir data
+    python make_dataset.py pointmaze-medium-multigoal-v0 --dataset-dir data    # multimodal demonstrations
+
+`pointmaze-medium-multigoal-v0` is not an OGBench dataset but an imitation task built from OGBench's maze and
+its oracle: every episode starts in the same cell and drives to one of several goal cells, chosen at random,
+all the same number of cells away along different routes. The file also records the environment, the
+start and the goal cells, and nf_bc.py evaluates a policy by reaching any of the goals.
 
 Episodes are seeded one by one from --seed, so the files are the same for any --num-workers. Files are
 written under a temporary name and renamed, so a killed run never leaves a file that loads.
@@ -18,7 +24,7 @@ import math
 import multiprocessing
 import os
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Dict, Optional
 
 import numpy as np
@@ -36,6 +42,8 @@ class Args:
     """directory to write <name>.npz and <name>-val.npz into (OGBench's default)"""
     num_transitions: Optional[int] = None
     """training transitions (rounded up to whole episodes); default: OGBench's published size"""
+    num_episodes: Optional[int] = None
+    """training episodes (instead of --num-transitions; validation gets a tenth)"""
     episode_steps: Optional[int] = None
     """steps per episode; default: OGBench's (change it only for quick tests)"""
     seed: int = 0
@@ -49,11 +57,17 @@ class Args:
 @dataclass(frozen=True)
 class Recipe:
     env_id: str  # the gymnasium id of the environment
-    dataset_type: str  # navigate | stitch (mazes), play | noisy (manipulation)
+    dataset_type: str  # navigate | stitch | multigoal (mazes), play | noisy (manipulation)
     num_episodes: int  # training episodes; validation gets a tenth of this
     episode_steps: int
     noise: float = 0.0  # mazes: Gaussian action noise; manipulation: oracle noise
     p_random_action: float = 0.0  # noisy manipulation datasets
+
+
+# multigoal imitation tasks: the start cell and the goal cells, all the same number of cells from the start
+# (breadth-first). In pointmaze-medium the start lies in a corridor between two T-junctions: the demonstrations
+# split at the start (left or right) and again at the junction (up or down), 4 cells from the start each way.
+MULTIGOAL_CELLS = {"medium": ((3, 3), ((1, 1), (5, 1), (2, 6), (4, 6)))}
 
 
 def _recipes() -> Dict[str, Recipe]:
@@ -63,6 +77,8 @@ def _recipes() -> Dict[str, Recipe]:
         nav = (500, 2001) if maze == "giant" else (1000, 1001)
         recipes[f"pointmaze-{maze}-navigate-v0"] = Recipe(f"pointmaze-{maze}-v0", "navigate", *nav, noise=0.5)
         recipes[f"pointmaze-{maze}-stitch-v0"] = Recipe(f"pointmaze-{maze}-v0", "stitch", 5000, 201, noise=0.5)
+    for maze in MULTIGOAL_CELLS:  # not OGBench's: imitation demonstrations (episodes end at the goal)
+        recipes[f"pointmaze-{maze}-multigoal-v0"] = Recipe(f"pointmaze-{maze}-v0", "multigoal", 500, 300, noise=0.2)
     for env in ("cube-single", "cube-double", "scene", "puzzle-3x3"):
         recipes[f"{env}-play-v0"] = Recipe(f"{env}-v0", "play", 1000, 1001, noise=0.1)
         p_random = 0.2 if env.startswith("puzzle") else 0.1
@@ -172,6 +188,32 @@ def maze_episode(env, recipe: Recipe, rng: np.random.Generator, cells) -> Dict[s
     return episode
 
 
+def multigoal_episode(env, recipe: Recipe, rng: np.random.Generator, cells) -> Dict[str, list]:
+    """One demonstration: from the start cell to one goal cell chosen uniformly, steering into the goal
+    itself (noise std recipe.noise); the episode ends when the goal is reached."""
+    start, goals = cells
+    goal_ij = goals[rng.integers(len(goals))]
+    ob, _ = env.reset(options=dict(task_info=dict(init_ij=start, goal_ij=goal_ij)))
+    episode = {k: [] for k in ("observations", "actions", "terminals", "qpos", "qvel")}
+    done = False
+    while not done:
+        action = np.clip(oracle_direction(env, final_approach=True) + rng.normal(0.0, recipe.noise, 2), -1, 1)
+        next_ob, _, terminated, truncated, info = env.step(action)
+        done = terminated or truncated
+        for key, value in (("observations", ob), ("actions", action), ("terminals", done),
+                           ("qpos", info["prev_qpos"]), ("qvel", info["prev_qvel"])):  # fmt: skip
+            episode[key].append(value)
+        ob = next_ob
+    return episode
+
+
+def multigoal_metadata(recipe: Recipe) -> Dict[str, np.ndarray]:
+    """What nf_bc.py needs to evaluate in the task: the environment, the start and the goal cells."""
+    start, goals = MULTIGOAL_CELLS[recipe.env_id.split("-")[1]]
+    return {"env_name": np.array(recipe.env_id), "init_ij": np.array(start), "goal_ijs": np.array(goals),
+            "max_episode_steps": np.array(recipe.episode_steps)}  # fmt: skip
+
+
 # ----------------------------------------------------------------------------------------- manipulation
 
 
@@ -266,11 +308,15 @@ def _init_worker(recipe: Recipe, episode_steps: int):
     kwargs = dict(terminate_at_goal=False, max_episode_steps=episode_steps)
     if recipe.dataset_type in ("play", "noisy"):
         kwargs["mode"] = "data_collection"
+    if recipe.dataset_type == "multigoal":  # demonstrations end at the goal, which is the cell centre
+        kwargs.update(terminate_at_goal=True, add_noise_to_goal=False)
     env = gymnasium.make(recipe.env_id, **kwargs)
     _worker.clear()  # in-process collection (one worker) may follow an earlier run
     _worker.update(env=env, recipe=recipe)
     if recipe.dataset_type in ("play", "noisy"):
         _worker["oracles"] = make_oracles(env, recipe)
+    elif recipe.dataset_type == "multigoal":
+        _worker["multigoal"] = MULTIGOAL_CELLS[recipe.env_id.split("-")[1]]
     else:
         _worker["cells"] = maze_cells(env.unwrapped.maze_map)
 
@@ -289,6 +335,8 @@ def _collect(job) -> Dict[str, np.ndarray]:
             episode = manipulation_episode(env, recipe, rng, _worker["oracles"])
             if recipe.env_id.startswith("scene") and not scene_is_healthy(np.array(episode["qpos"])):
                 continue  # OGBench retries such episodes
+        elif "multigoal" in _worker:
+            episode = multigoal_episode(env, recipe, rng, _worker["multigoal"])
         else:
             episode = maze_episode(env, recipe, rng, _worker["cells"])
         return episode
@@ -319,9 +367,13 @@ def make_dataset(args: Args) -> Dict[str, str]:
     recipe = recipe_for(args.env_name)
     name = dataset_name_of(args.env_name)
     episode_steps = args.episode_steps or recipe.episode_steps
-    if episode_steps < 2 or (args.num_transitions is not None and args.num_transitions < 1):
-        raise ValueError("--episode-steps must be >= 2 and --num-transitions >= 1")
-    num_train = recipe.num_episodes if args.num_transitions is None else math.ceil(args.num_transitions / episode_steps)
+    if episode_steps < 2 or any(n is not None and n < 1 for n in (args.num_transitions, args.num_episodes)):
+        raise ValueError("--episode-steps must be >= 2, --num-transitions and --num-episodes >= 1")
+    if args.num_transitions is not None and args.num_episodes is not None:
+        raise ValueError("give --num-transitions or --num-episodes, not both")
+    num_train = args.num_episodes or recipe.num_episodes
+    if args.num_transitions is not None:
+        num_train = math.ceil(args.num_transitions / episode_steps)
     num_val = max(1, num_train // 10)
     directory = os.path.expanduser(args.dataset_dir)
     paths = {"train": os.path.join(directory, f"{name}.npz"), "val": os.path.join(directory, f"{name}-val.npz")}
@@ -331,11 +383,12 @@ def make_dataset(args: Args) -> Dict[str, str]:
     os.makedirs(directory, exist_ok=True)
     workers = args.num_workers or min(os.cpu_count() or 1, 8)
     jobs = [(args.seed, i) for i in range(num_train + num_val)]
-    print(f"{name}: {num_train} + {num_val} (val) episodes x {episode_steps} steps of {recipe.env_id} "
+    up_to = "up to " if recipe.dataset_type == "multigoal" else ""
+    print(f"{name}: {num_train} + {num_val} (val) episodes x {up_to}{episode_steps} steps of {recipe.env_id} "
           f"({recipe.dataset_type}), seed {args.seed}, {workers} worker(s) -> {directory}")  # fmt: skip
     start = time.time()
     episodes = []
-    with tqdm(total=len(jobs) * episode_steps, unit="step", unit_scale=True, smoothing=0.05) as bar:
+    with tqdm(total=len(jobs), unit="episode", smoothing=0.05) as bar:
         if workers == 1:
             _init_worker(recipe, episode_steps)
             results = map(_collect, jobs)
@@ -344,11 +397,14 @@ def make_dataset(args: Args) -> Dict[str, str]:
             results = pool.imap(_collect, jobs)
         for episode in results:
             episodes.append(episode)
-            bar.update(len(episode["actions"]))
+            bar.update()
         if workers > 1:
             pool.close()
             pool.join()
     train, val = to_arrays(episodes[:num_train]), to_arrays(episodes[num_train:])
+    if recipe.dataset_type == "multigoal":
+        train.update(multigoal_metadata(replace(recipe, episode_steps=episode_steps)))
+        val.update(multigoal_metadata(replace(recipe, episode_steps=episode_steps)))
     save_atomic(paths["val"], val)  # val first: a train file on disk implies its val file is complete
     save_atomic(paths["train"], train)
     elapsed = time.time() - start

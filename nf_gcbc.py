@@ -220,6 +220,7 @@ def evaluate(policy, envs, num_tasks: int, args: Args, device, step: int, video_
     for task in range(1, num_tasks + 1):
         obs, goals, frames = [], [], []
         for i, env in enumerate(envs):  # fixed evaluation seeds, the same for every run and step
+            np.random.seed(100_000 * task + i)  # OGBench draws start and goal noise from NumPy's global generator
             ob, info = env.reset(seed=100_000 * task + i, options=dict(task_id=task, render_goal=False))
             obs.append(ob)
             goals.append(info["goal"])

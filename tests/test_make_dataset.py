@@ -143,3 +143,22 @@ class ValueLike:
 
     def __array__(self, *args, **kwargs):
         raise RuntimeError("simulated failure while writing")
+
+
+def test_multigoal_demonstrations_split_between_the_goals(tmp_path):
+    paths = make(tmp_path, "pointmaze-medium-multigoal-v0", num_episodes=40)
+    raw = np.load(paths["train"])
+    assert str(raw["env_name"]) == "pointmaze-medium-v0" and int(raw["max_episode_steps"]) == 300
+    env = gymnasium.make("pointmaze-medium-v0")
+    start_xy = env.unwrapped.ij_to_xy(tuple(raw["init_ij"]))
+    goal_xys = np.array([env.unwrapped.ij_to_xy(tuple(g)) for g in raw["goal_ijs"]])
+    ends = np.flatnonzero(raw["terminals"])
+    starts = np.r_[0, ends[:-1] + 1]
+    assert len(ends) == 40 and ends[-1] == len(raw["terminals"]) - 1
+    # every episode starts in the start cell (OGBench jitters it by up to 1 per axis) and ends at one goal
+    assert np.abs(raw["observations"][starts] - start_xy).max() <= 1.0 + 1e-4
+    final_distance = np.linalg.norm(raw["observations"][ends][:, None] - goal_xys, axis=-1)
+    assert final_distance.min(1).max() < 1.5  # the last stored observation is one step before the goal is reached
+    reached = final_distance.argmin(1)
+    assert len(np.unique(reached)) == len(goal_xys)  # the demonstrations use every goal (40 episodes, 4 goals)
+    assert (np.diff(np.r_[-1, ends]) < 300).all()  # demonstrations finish well inside the time limit

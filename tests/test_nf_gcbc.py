@@ -71,6 +71,11 @@ def test_resumed_run_matches_an_uninterrupted_one(tmp_path, data_dir, policy):
     again, _ = run(["--env-id", ENV, "--dataset-dir", data_dir, "--output-dir", str(tmp_path / "b"), "--policy", policy] + QUICK)
     for key, value in params(f"{run_dir}/checkpoints/step_6.pt").items():
         torch.testing.assert_close(params(f"{again}/checkpoints/step_6.pt")[key], value, rtol=0, atol=0)
+    evaluations = []
+    for directory in (run_dir, again):
+        with open(f"{directory}/eval.csv") as f:
+            evaluations.append([{k: v for k, v in r.items() if k != "wall_time"} for r in csv.DictReader(f)])
+    assert evaluations[0] == evaluations[1]  # evaluation included (OGBench's start noise uses NumPy's global RNG)
 
 
 def test_resume_from_run_directory_picks_the_last_checkpoint(tmp_path, data_dir):

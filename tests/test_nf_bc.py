@@ -1,0 +1,221 @@
+"""nf_bc.py end to end through its CLI for each data source (npz, OGBench, Minari), on data made by the test."""
+
+import csv
+import math
+import shutil
+
+import gymnasium
+import numpy as np
+import pytest
+import torch
+import tyro
+
+import make_dataset
+import nf_bc
+
+QUICK = ["--total-steps", "6", "--batch-size", "16", "--log-interval", "2", "--eval-interval", "3",
+         "--save-interval", "3", "--eval-episodes", "2", "--eval-max-steps", "7", "--warmup-steps", "2",
+         "--num-blocks", "2", "--hidden-dim", "32", "--rep-dim", "16", "--obs-horizon", "2",
+         "--action-horizon", "3", "--exec-horizon", "2", "--no-cuda"]  # fmt: skip
+MINARI_ID = "test/pendulum/random-v0"
+
+
+@pytest.fixture(scope="module")
+def npz_dir(tmp_path_factory):
+    path = tmp_path_factory.mktemp("npz")
+    make_dataset.make_dataset(make_dataset.Args(env_name="pointmaze-medium-multigoal-v0", dataset_dir=str(path), num_episodes=10, num_workers=1))
+    return str(path)
+
+
+@pytest.fixture(scope="module")
+def ogbench_dir(tmp_path_factory):
+    path = tmp_path_factory.mktemp("ogbench")
+    make_dataset.make_dataset(make_dataset.Args(env_name="pointmaze-medium-navigate-v0", dataset_dir=str(path),
+                                                num_transitions=1_000, episode_steps=250, num_workers=1))  # fmt: skip
+    return str(path)
+
+
+@pytest.fixture(scope="module")
+def minari_dir(tmp_path_factory):
+    """A 12-episode Minari dataset of random Pendulum play (1-D actions in [-2, 2]), with reference scores."""
+    import minari
+    from minari.data_collector.episode_buffer import EpisodeBuffer
+
+    path = tmp_path_factory.mktemp("minari")
+    patch = pytest.MonkeyPatch()
+    patch.setenv("MINARI_DATASETS_PATH", str(path))
+    env = gymnasium.make("Pendulum-v1")
+    rng = np.random.default_rng(0)
+    buffers = []
+    for episode in range(12):
+        ob, _ = env.reset(seed=episode)
+        obs, actions, rewards = [ob], [], []
+        for _ in range(40):
+            action = rng.uniform(-2, 2, 1).astype(np.float32)
+            ob, reward, *_ = env.step(action)
+            obs.append(ob), actions.append(action), rewards.append(reward)
+        buffers.append(EpisodeBuffer(observations=np.array(obs), actions=np.array(actions), rewards=np.array(rewards),
+                                     terminations=np.zeros(40, bool), truncations=np.arange(40) == 39))  # fmt: skip
+    minari.create_dataset_from_buffers(MINARI_ID, buffers, env=env, eval_env="Pendulum-v1", algorithm_name="random",
+                                       ref_min_score=-1500.0, ref_max_score=0.0)  # fmt: skip
+    yield str(path)
+    patch.undo()
+
+
+def source_args(source, npz_dir, ogbench_dir):
+    if source == "npz":
+        return ["--source", "npz", "--env-id", "pointmaze-medium-multigoal-v0", "--dataset-dir", npz_dir]
+    if source == "ogbench":
+        return ["--source", "ogbench", "--env-id", "pointmaze-medium-navigate-singletask-task1-v0", "--dataset-dir", ogbench_dir]
+    return ["--source", "minari", "--env-id", MINARI_ID]
+
+
+def run(argv):
+    return nf_bc.main(tyro.cli(nf_bc.Args, args=argv))
+
+
+def params(path):
+    return torch.load(path, weights_only=True)["policy"]
+
+
+def rows(run_dir):
+    with open(f"{run_dir}/eval.csv") as f:
+        return list(csv.DictReader(f))
+
+
+@pytest.mark.parametrize("policy", ["flow", "gaussian"])
+@pytest.mark.parametrize("source", ["npz", "ogbench", "minari"])
+def test_each_source_trains_evaluates_and_reloads(tmp_path, npz_dir, ogbench_dir, minari_dir, source, policy):
+    run_dir, trained = run(source_args(source, npz_dir, ogbench_dir) + ["--output-dir", str(tmp_path), "--policy", policy] + QUICK)
+    evaluations = rows(run_dir)
+    assert [int(r["step"]) for r in evaluations] == [0, 3, 6]
+    defined = {"npz": ["val_nll", "return", "success"], "ogbench": ["val_nll", "return", "success"],
+               "minari": ["val_nll", "return", "score"]}[source]  # fmt: skip
+    for row in evaluations:
+        for key in ["val_nll", "return", "success", "score"]:
+            assert math.isfinite(float(row[key])) == (key in defined), (key, row)
+    checkpoint = torch.load(f"{run_dir}/checkpoints/step_6.pt", weights_only=True)
+    args = nf_bc.Args(**checkpoint["args"])
+    obs_dim, action_dim = {"npz": (2, 2), "ogbench": (2, 2), "minari": (3, 1)}[source]
+    reloaded = (nf_bc.FlowPolicy if policy == "flow" else nf_bc.GaussianPolicy)(obs_dim, action_dim, args)
+    reloaded.load_state_dict(checkpoint["policy"])
+    obs = torch.randn(8, 2, obs_dim) * 3
+    with torch.no_grad():
+        chunks = [p.act(obs, torch.Generator().manual_seed(3), 0.1, True) for p in (trained, reloaded)]
+    torch.testing.assert_close(chunks[0], chunks[1], rtol=0, atol=0)
+    assert chunks[0].shape == (8, 3, action_dim)
+    if source == "minari":  # actions come back in the environment's units, inside its box [-2, 2]
+        assert chunks[0].abs().max() <= 2 and torch.equal(reloaded.action_high, torch.tensor([2.0]))
+
+
+def test_one_dimensional_actions_without_chunks(tmp_path, minari_dir):
+    """Pendulum's single action with k = 1: a 1-D flow (affine + spline coupling on the context alone)."""
+    argv = ["--source", "minari", "--env-id", MINARI_ID, "--output-dir", str(tmp_path)] + QUICK
+    run_dir, policy = run(argv + ["--action-horizon", "1", "--exec-horizon", "1"])
+    assert policy.flow.dim == 1 and all(math.isfinite(float(r["score"])) for r in rows(run_dir))
+
+
+def test_chunks_and_histories_stay_inside_their_episode():
+    data = {"observations": np.arange(7, dtype=np.float32)[:, None], "actions": 10 + np.arange(7, dtype=np.float32)[:, None],
+            "terminals": np.array([0, 0, 1, 0, 0, 0, 1], bool)}  # episodes 0-2 and 3-6  # fmt: skip
+    dataset = nf_bc.ChunkDataset(data, obs_horizon=3, action_horizon=3, device=torch.device("cpu"))
+    assert dataset.obs_index.tolist() == [[0, 0, 0], [0, 0, 1], [0, 1, 2], [3, 3, 3], [3, 3, 4], [3, 4, 5], [4, 5, 6]]
+    assert dataset.action_index.tolist() == [[0, 1, 2], [1, 2, 2], [2, 2, 2], [3, 4, 5], [4, 5, 6], [5, 6, 6], [6, 6, 6]]
+    obs, actions = dataset.sample(5, np.random.default_rng(0))
+    assert obs.shape == (5, 3, 1) and actions.shape == (5, 3, 1)
+
+
+class CountingEnv(gymnasium.Env):
+    """Ends after 5 steps and remembers the actions it was given."""
+
+    observation_space = gymnasium.spaces.Box(-10, 10, (1,))
+    action_space = gymnasium.spaces.Box(-10, 10, (1,))
+
+    def reset(self, *, seed=None, options=None):
+        self.t, self.actions = 0, []
+        return np.zeros(1, np.float32), {}
+
+    def step(self, action):
+        self.t += 1
+        self.actions.append(float(action[0]))
+        return np.full(1, self.t, np.float32), 1.0, self.t == 5, False, {}
+
+
+class ChunkOfIndices(torch.nn.Module):
+    """A policy whose chunk is [call, call + 0.1, call + 0.2]: it shows which call and which position ran."""
+
+    def __init__(self):
+        super().__init__()
+        self.calls, self.histories = 0, []
+
+    def act(self, obs, generator, noise_std, use_denoise):
+        self.histories.append(obs[0, :, 0].tolist())
+        chunk = self.calls + torch.tensor([0.0, 0.1, 0.2])
+        self.calls += 1
+        return chunk.view(1, 3, 1).expand(len(obs), 3, 1)
+
+
+def test_evaluation_executes_the_first_m_actions_of_each_chunk():
+    args = nf_bc.Args(obs_horizon=2, action_horizon=3, exec_horizon=2)
+    envs, policy = [CountingEnv(), CountingEnv()], ChunkOfIndices()
+    stats = nf_bc.evaluate(policy, envs, envs[0].observation_space, args, torch.device("cpu"), 0, None, None)
+    assert policy.calls == 3  # steps 0, 2 and 4 of a 5-step episode
+    np.testing.assert_allclose(envs[0].actions, [0.0, 0.1, 1.0, 1.1, 2.0])
+    assert policy.histories == [[0, 0], [1, 2], [3, 4]]  # the first observation repeated, then the last two
+    assert stats["return"] == 5 and math.isnan(stats["success"]) and math.isnan(stats["score"])
+
+
+@pytest.mark.parametrize("policy", ["flow", "gaussian"])
+def test_resumed_run_matches_an_uninterrupted_one(tmp_path, npz_dir, ogbench_dir, policy):
+    base = source_args("npz", npz_dir, ogbench_dir) + ["--policy", policy] + QUICK
+    run_dir, _ = run(base + ["--output-dir", str(tmp_path / "a")])
+    copy = str(tmp_path / "copy")
+    shutil.copytree(run_dir, copy)
+    run(["--resume", f"{copy}/checkpoints/step_3.pt"])
+    for key, value in params(f"{run_dir}/checkpoints/step_6.pt").items():
+        torch.testing.assert_close(params(f"{copy}/checkpoints/step_6.pt")[key], value, rtol=0, atol=0)
+    assert [int(r["step"]) for r in rows(copy)] == [0, 3, 6]
+    assert [r["return"] for r in rows(copy)] == [r["return"] for r in rows(run_dir)]
+    again, _ = run(base + ["--output-dir", str(tmp_path / "b")])  # the same seed gives the same numbers
+    for key, value in params(f"{run_dir}/checkpoints/step_6.pt").items():
+        torch.testing.assert_close(params(f"{again}/checkpoints/step_6.pt")[key], value, rtol=0, atol=0)
+    assert [r["return"] for r in rows(again)] == [r["return"] for r in rows(run_dir)]
+
+
+def test_plain_npz_without_an_environment_reports_validation_nll(tmp_path):
+    data = {"observations": np.random.default_rng(0).normal(size=(60, 3)).astype(np.float32),
+            "actions": np.random.default_rng(1).uniform(-1, 1, (60, 2)).astype(np.float32),
+            "terminals": np.arange(60) % 20 == 19}  # fmt: skip
+    np.savez(tmp_path / "demos.npz", **data)
+    np.savez(tmp_path / "demos-val.npz", **data)
+    run_dir, _ = run(["--env-id", "demos", "--dataset-dir", str(tmp_path), "--output-dir", str(tmp_path)] + QUICK)
+    for row in rows(run_dir):
+        assert math.isfinite(float(row["val_nll"])) and math.isnan(float(row["return"]))
+
+
+def test_clear_errors(tmp_path, npz_dir, ogbench_dir, minari_dir):
+    out = ["--output-dir", str(tmp_path)] + QUICK
+    cases = [
+        (["--source", "ogbench", "--env-id", "pointmaze-medium-navigate-v0", "--dataset-dir", ogbench_dir], "singletask-task1-v0"),
+        (["--source", "ogbench", "--env-id", "pointmaze-medum-navigate-singletask-v0", "--dataset-dir", ogbench_dir], "did you mean"),
+        (["--source", "ogbench", "--env-id", "pointmaze-large-navigate-singletask-v0", "--dataset-dir", str(tmp_path / "none")],
+         "python make_dataset.py pointmaze-large-navigate-v0"),
+        (["--env-id", "pointmaze-medium-multigoal-v0", "--dataset-dir", str(tmp_path / "none")],
+         "python make_dataset.py pointmaze-medium-multigoal-v0"),
+        (["--source", "minari", "--env-id", "mujoco/hopper/expert-v0"], "minari download mujoco/hopper/expert-v0"),
+        (["--source", "minari", "--env-id", "test/pendulum/randm-v0"], "Did you mean test/pendulum/random-v0"),
+        (source_args("npz", npz_dir, ogbench_dir) + ["--exec-horizon", "4"], "cannot exceed --action-horizon"),
+        (source_args("npz", npz_dir, ogbench_dir) + ["--eval-env", "Pendulm-v1"], "did you mean Pendulum-v1"),
+        (source_args("npz", npz_dir, ogbench_dir) + ["--eval-env", "Pendulum-v1"], "1-D actions|2-D actions"),
+        (source_args("minari", npz_dir, ogbench_dir) + ["--eval-env", "Pendulum-v1"], "--eval-env is for --source npz"),
+        (source_args("npz", npz_dir, ogbench_dir) + ["--learning-rate", "1e9"], "non-finite training loss at step"),
+    ]
+    for argv, message in cases:
+        with pytest.raises(SystemExit, match=message):
+            run(out + argv)  # the case's flags come last and win
+    np.savez(tmp_path / "broken.npz", observations=np.zeros((5, 2)), actions=np.zeros((4, 2)), terminals=np.ones(5, bool))
+    with pytest.raises(SystemExit, match="must be"):
+        run(["--env-id", "broken", "--dataset-dir", str(tmp_path)] + out)
+    (tmp_path / "corrupt.npz").write_bytes(b"not a zip file")
+    with pytest.raises(SystemExit, match="could not read"):
+        run(["--env-id", "corrupt", "--dataset-dir", str(tmp_path)] + out)
