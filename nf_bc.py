@@ -445,6 +445,18 @@ def find_checkpoint(path: str) -> str:
     return path
 
 
+def claim_run_dir(path: str) -> str:
+    """Create a new run directory; runs started in the same second with the same name get _2, _3, ..."""
+    for i in range(1, 10_000):
+        candidate = path if i == 1 else f"{path}_{i}"
+        try:
+            os.makedirs(candidate)
+            return candidate
+        except FileExistsError:
+            continue
+    raise SystemExit(f"{path}: could not create a new run directory")
+
+
 def check_args(args: Args):
     problems = [f"--{name.replace('_', '-')} must be positive" for name in
                 ("total_steps", "batch_size", "log_interval", "eval_interval", "eval_episodes", "save_interval",
@@ -518,6 +530,8 @@ def main(args: Args):
         start_step = checkpoint["step"]
         print(f"resumed {run_dir} at step {start_step}")
 
+    if checkpoint is None:
+        run_dir = claim_run_dir(run_dir)
     os.makedirs(os.path.join(run_dir, "checkpoints"), exist_ok=True)
     video_dir = os.path.join(run_dir, "videos") if args.capture_video and envs else None
     if video_dir:

@@ -219,3 +219,23 @@ def test_clear_errors(tmp_path, npz_dir, ogbench_dir, minari_dir):
     (tmp_path / "corrupt.npz").write_bytes(b"not a zip file")
     with pytest.raises(SystemExit, match="could not read"):
         run(["--env-id", "corrupt", "--dataset-dir", str(tmp_path)] + out)
+
+
+def test_mode_picture_is_written(tmp_path, npz_dir, ogbench_dir):
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location("plot_bc_modes", f"{nf_bc.__file__[:-len('nf_bc.py')]}scripts/plot_bc_modes.py")
+    plot = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(plot)
+    base = source_args("npz", npz_dir, ogbench_dir) + ["--output-dir", str(tmp_path)] + QUICK
+    flow_run, _ = run(base + ["--policy", "flow", "--exp-name", "flow"])
+    gaussian_run, _ = run(base + ["--policy", "gaussian", "--exp-name", "gaussian"])
+    out = tmp_path / "modes.png"
+    plot.main(plot.Args(flow=flow_run, gaussian=gaussian_run, out=str(out), samples=50, rollouts=2))
+    assert out.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def test_runs_started_in_the_same_second_get_their_own_directories(tmp_path):
+    first = nf_bc.claim_run_dir(str(tmp_path / "run"))
+    second = nf_bc.claim_run_dir(str(tmp_path / "run"))
+    assert first != second and second.endswith("run_2")
