@@ -280,7 +280,16 @@ def load_task(args: Args):
             import minari
 
             score = lambda returns: minari.get_normalized_score(dataset, np.asarray(returns))  # noqa: E731
-        return train, val, lambda: dataset.recover_environment(eval_env=True, **render), dataset.observation_space, score
+
+        def make_minari_env():
+            try:
+                return dataset.recover_environment(eval_env=True, **render)
+            except Exception as err:  # the package that registers the environment is missing, ...
+                raise SystemExit(f"could not make the evaluation environment of {args.env_id} ({type(err).__name__}: "
+                                 f"{err}); install the package that provides it (D4RL/* datasets: pip install "
+                                 f"gymnasium-robotics; mujoco/*: pip install mujoco)")  # fmt: skip
+
+        return train, val, make_minari_env, dataset.observation_space, score
     directory = os.path.expanduser(args.dataset_dir)
     hint = (f"Make it with\n  python make_dataset.py {args.env_id} --dataset-dir {args.dataset_dir}"
             if args.env_id.endswith("-multigoal-v0") else
