@@ -293,7 +293,7 @@ def load_task(args: Args):
     directory = os.path.expanduser(args.dataset_dir)
     hint = (f"Make it with\n  python make_dataset.py {args.env_id} --dataset-dir {args.dataset_dir}"
             if args.env_id.endswith("-multigoal-v0") else
-            f"--source npz reads <dataset-dir>/<env-id>.npz with observations, actions and terminals.")  # fmt: skip
+            "--source npz reads <dataset-dir>/<env-id>.npz with observations, actions and terminals.")  # fmt: skip
     train = load_npz(os.path.join(directory, f"{args.env_id}.npz"), hint)
     val_path = os.path.join(directory, f"{args.env_id}-val.npz")
     val = load_npz(val_path, hint) if os.path.exists(val_path) else None

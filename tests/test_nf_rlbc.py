@@ -1,0 +1,159 @@
+"""nf_rlbc.py end to end through its CLI on tiny OGBench and Minari data, and its TD target by hand."""
+
+import csv
+import math
+import shutil
+
+import gymnasium
+import numpy as np
+import pytest
+import torch
+import tyro
+
+import make_dataset
+import nf_rlbc
+
+QUICK = ["--total-steps", "6", "--batch-size", "16", "--log-interval", "2", "--eval-interval", "3",
+         "--save-interval", "3", "--eval-episodes", "2", "--eval-max-steps", "5",
+         "--num-blocks", "2", "--hidden-dim", "32", "--rep-dim", "16", "--no-cuda"]  # fmt: skip
+OGBENCH = "pointmaze-medium-navigate-singletask-task1-v0"
+MINARI_ID = "test/pendulum/random-v0"
+
+
+@pytest.fixture(scope="module")
+def ogbench_dir(tmp_path_factory):
+    path = tmp_path_factory.mktemp("ogbench")
+    make_dataset.make_dataset(make_dataset.Args(env_name="pointmaze-medium-navigate-v0", dataset_dir=str(path),
+                                                num_transitions=1_000, episode_steps=250, num_workers=1))  # fmt: skip
+    return str(path)
+
+
+@pytest.fixture(scope="module")
+def minari_dir(tmp_path_factory):
+    """Random Pendulum play (1-D actions in [-2, 2]) as a local Minari dataset with reference scores."""
+    import minari
+    from minari.data_collector.episode_buffer import EpisodeBuffer
+
+    path = tmp_path_factory.mktemp("minari")
+    patch = pytest.MonkeyPatch()
+    patch.setenv("MINARI_DATASETS_PATH", str(path))
+    env = gymnasium.make("Pendulum-v1")
+    rng = np.random.default_rng(0)
+    buffers = []
+    for episode in range(4):
+        ob, _ = env.reset(seed=episode)
+        obs, actions, rewards = [ob], [], []
+        for _ in range(40):
+            action = rng.uniform(-2, 2, 1).astype(np.float32)
+            ob, reward, *_ = env.step(action)
+            obs.append(ob), actions.append(action), rewards.append(reward)
+        buffers.append(EpisodeBuffer(observations=np.array(obs), actions=np.array(actions), rewards=np.array(rewards),
+                                     terminations=np.zeros(40, bool), truncations=np.arange(40) == 39))  # fmt: skip
+    minari.create_dataset_from_buffers(MINARI_ID, buffers, env=env, eval_env="Pendulum-v1", algorithm_name="random",
+                                       ref_min_score=-1500.0, ref_max_score=0.0)  # fmt: skip
+    yield str(path)
+    patch.undo()
+
+
+def run(argv):
+    return nf_rlbc.main(tyro.cli(nf_rlbc.Args, args=argv))
+
+
+def source_args(source, ogbench_dir):
+    if source == "ogbench":
+        return ["--env-id", OGBENCH, "--dataset-dir", ogbench_dir]
+    return ["--source", "minari", "--env-id", MINARI_ID]
+
+
+def rows(run_dir):
+    with open(f"{run_dir}/eval.csv") as f:
+        return list(csv.DictReader(f))
+
+
+@pytest.mark.parametrize("policy", ["flow", "gaussian"])
+@pytest.mark.parametrize("source", ["ogbench", "minari"])
+def test_offline_training_evaluates_and_reloads(tmp_path, ogbench_dir, minari_dir, source, policy):
+    run_dir, actor = run(source_args(source, ogbench_dir) + ["--output-dir", str(tmp_path), "--policy", policy] + QUICK)
+    evaluations = rows(run_dir)
+    assert [int(r["step"]) for r in evaluations] == [0, 3, 6]
+    defined = ["success", "return"] if source == "ogbench" else ["return", "score"]
+    for row in evaluations:
+        for key in ("success", "return", "score"):
+            assert math.isfinite(float(row[key])) == (key in defined), (key, row)
+    checkpoint = torch.load(f"{run_dir}/checkpoints/step_6.pt", weights_only=True)
+    assert set(checkpoint) >= {"actor", "critic", "target_critic", "actor_optimizer", "critic_optimizer", "step"}
+    obs_dim, action_dim = (2, 2) if source == "ogbench" else (3, 1)
+    args = nf_rlbc.Args(**checkpoint["args"])
+    reloaded = (nf_rlbc.FlowActor if policy == "flow" else nf_rlbc.GaussianActor)(obs_dim, action_dim, args)
+    reloaded.load_state_dict(checkpoint["actor"])
+    obs = torch.randn(8, obs_dim)
+    with torch.no_grad():
+        acts = [a.act(obs, torch.Generator().manual_seed(0)) for a in (actor, reloaded)]
+    torch.testing.assert_close(acts[0], acts[1], rtol=0, atol=0)
+    bound = 1.0 if source == "ogbench" else 2.0
+    assert acts[0].abs().max() <= bound
+    # the target critic trails the critic (Polyak averaging), it is not a copy
+    critic, target = checkpoint["critic"], checkpoint["target_critic"]
+    assert any(not torch.equal(critic[k], target[k]) for k in critic)
+
+
+class FixedActor(torch.nn.Module):
+    def __init__(self, actions):
+        super().__init__()
+        self.actions = actions
+
+    def sample(self, obs):
+        return self.actions, torch.zeros(len(obs))
+
+
+class TableCritic(torch.nn.Module):
+    """Q_i(s, a) = s_0 * (i + 1) + a_0: easy to compute by hand."""
+
+    def forward(self, obs, actions):
+        return torch.stack([obs[:, 0] * (i + 1) + actions[:, 0] for i in range(2)])
+
+
+@pytest.mark.parametrize("q_agg", ["min", "mean"])
+def test_td_target_on_a_hand_built_batch(q_agg):
+    batch = {"next_observations": torch.tensor([[1.0], [-2.0], [3.0]]), "rewards": torch.tensor([-1.0, 0.0, -1.0]),
+             "masks": torch.tensor([1.0, 0.0, 1.0])}  # fmt: skip
+    actor = FixedActor(torch.tensor([[0.5], [3.0], [-7.0]]))  # sampled next actions are clipped to [-1, 1]
+    args = nf_rlbc.Args(discount=0.9, q_agg=q_agg)
+    # Q_1 = s + clip(a), Q_2 = 2 s + clip(a): s' = (1, -2, 3), clipped a' = (0.5, 1, -1)
+    q1, q2 = np.array([1.5, -1.0, 2.0]), np.array([2.5, -3.0, 5.0])
+    next_q = np.minimum(q1, q2) if q_agg == "min" else (q1 + q2) / 2
+    expected = np.array([-1.0, 0.0, -1.0]) + 0.9 * np.array([1.0, 0.0, 1.0]) * next_q
+    np.testing.assert_allclose(nf_rlbc.td_target(actor, TableCritic(), batch, args).numpy(), expected, rtol=1e-6)
+
+
+@pytest.mark.parametrize("policy", ["flow", "gaussian"])
+def test_resumed_run_matches_an_uninterrupted_one(tmp_path, ogbench_dir, policy):
+    base = source_args("ogbench", ogbench_dir) + ["--policy", policy] + QUICK
+    run_dir, _ = run(base + ["--output-dir", str(tmp_path / "a")])
+    copy = str(tmp_path / "copy")
+    shutil.copytree(run_dir, copy)
+    run(["--resume", f"{copy}/checkpoints/step_3.pt"])
+    for part in ("actor", "critic", "target_critic"):
+        expected = torch.load(f"{run_dir}/checkpoints/step_6.pt", weights_only=True)[part]
+        resumed = torch.load(f"{copy}/checkpoints/step_6.pt", weights_only=True)[part]
+        for key, value in expected.items():
+            torch.testing.assert_close(resumed[key], value, rtol=0, atol=0)
+    strip = lambda rs: [{k: v for k, v in r.items() if k != "wall_time"} for r in rs]  # noqa: E731
+    assert strip(rows(copy)) == strip(rows(run_dir))
+    again, _ = run(base + ["--output-dir", str(tmp_path / "b")])  # the same seed gives the same numbers
+    assert strip(rows(again)) == strip(rows(run_dir))
+
+
+def test_clear_errors(tmp_path, ogbench_dir, minari_dir):
+    out = ["--output-dir", str(tmp_path)] + QUICK
+    cases = [
+        (["--env-id", "pointmaze-medium-navigate-v0", "--dataset-dir", ogbench_dir], "singletask-task1-v0"),
+        (["--env-id", "pointmaze-large-navigate-singletask-v0", "--dataset-dir", str(tmp_path / "none")],
+         "python make_dataset.py pointmaze-large-navigate-v0"),
+        (["--source", "minari", "--env-id", "mujoco/hopper/expert-v0"], "minari download mujoco/hopper/expert-v0"),
+        (source_args("ogbench", ogbench_dir) + ["--discount", "1.0"], "--discount"),
+        (source_args("ogbench", ogbench_dir) + ["--learning-rate", "1e12"], "non-finite training loss at step"),
+    ]
+    for argv, message in cases:
+        with pytest.raises(SystemExit, match=message):
+            run(out + argv)
