@@ -90,17 +90,27 @@ class Args:
 
     # optimisation
     total_steps: int = 1_000_000
-    """gradient steps (critic and actor each step)"""
+    """offline gradient steps (critic and actor each step)"""
     batch_size: int = 256
     """batch size"""
     learning_rate: float = 1e-4
     """Adam learning rate of actor and critic"""
 
+    # online fine-tuning (after the offline steps)
+    online_steps: int = 0
+    """environment steps of online MaxEnt fine-tuning after the offline phase, one update per step (0: none)"""
+    online_bc: Literal["anneal", "keep", "off"] = "anneal"
+    """the BC term online: alpha decayed linearly to 0 over online_steps, kept at alpha, or dropped"""
+    target_entropy: Optional[float] = None
+    """online: the entropy the temperature is tuned toward (default: -action_dim)"""
+    initial_temperature: float = 0.01
+    """online: the starting entropy temperature (then tuned automatically)"""
+
     # logging and evaluation
     log_interval: int = 1_000
     """steps between training logs"""
     eval_interval: int = 100_000
-    """steps between evaluations (also at step 0 and at the end)"""
+    """steps between evaluations, offline gradient steps and online env steps alike (also at 0 and each end)"""
     eval_episodes: int = 50
     """evaluation episodes, run as one batch"""
     eval_max_steps: Optional[int] = None
@@ -198,6 +208,23 @@ class Transitions:
     def sample(self, batch_size: int, rng: np.random.Generator) -> Dict[str, torch.Tensor]:
         idx = torch.as_tensor(rng.integers(self.size, size=batch_size), device=self.data["rewards"].device)
         return {k: v[idx] for k, v in self.data.items()}
+
+
+class ReplayBuffer(Transitions):
+    """The offline transitions, then room for `capacity` online ones; samples uniformly from all stored."""
+
+    def __init__(self, data: Dict[str, np.ndarray], device: torch.device, capacity: int):
+        super().__init__(data, device)
+        self.offline_size = self.size
+        self.data = {k: torch.cat([v, v.new_zeros((capacity,) + v.shape[1:])]) for k, v in self.data.items()}
+
+    def add(self, **transition):
+        for k, v in transition.items():
+            self.data[k][self.size] = torch.as_tensor(v, dtype=torch.float32)
+        self.size += 1
+
+    def online_part(self) -> Dict[str, torch.Tensor]:
+        return {k: v[self.offline_size : self.size].cpu() for k, v in self.data.items()}
 
 
 def load_task(args: Args):
@@ -351,13 +378,14 @@ class GaussianActor(Actor):
         return self.to_env_units(self.distribution(obs).mean)
 
 
-def td_target(actor, target_critic, batch: Dict[str, torch.Tensor], args: Args) -> torch.Tensor:
-    """r + discount * mask * agg_i Q_target_i(s', a'), a' ~ actor(s') clipped to the action box."""
+def td_target(actor, target_critic, batch: Dict[str, torch.Tensor], args: Args, temperature: float = 0.0) -> torch.Tensor:
+    """r + discount * mask * (agg_i Q_target_i(s', a') - temperature * log pi(a' | s')), a' ~ actor(s') clipped
+    to the action box. Offline the temperature is 0 (the paper's target); online it is SAC's soft target."""
     with torch.no_grad():
-        next_actions, _ = actor.sample(batch["next_observations"])
+        next_actions, next_log_prob = actor.sample(batch["next_observations"])
         next_q = target_critic(batch["next_observations"], next_actions.clamp(-1, 1))
         next_q = next_q.min(0).values if args.q_agg == "min" else next_q.mean(0)
-        return batch["rewards"] + args.discount * batch["masks"] * next_q
+        return batch["rewards"] + args.discount * batch["masks"] * (next_q - temperature * next_log_prob)
 
 
 # ---------------------------------------------------------------------------------------------- training
@@ -400,6 +428,8 @@ def check_args(args: Args):
         problems.append("--tau must lie in (0, 1]")
     if args.alpha < 0 or args.entropy_weight < 0:
         problems.append("--alpha and --entropy-weight must be >= 0")
+    if args.online_steps < 0 or args.initial_temperature <= 0:
+        problems.append("--online-steps must be >= 0 and --initial-temperature > 0")
     if problems:
         raise SystemExit("; ".join(problems))
 
@@ -429,8 +459,8 @@ def main(args: Args):
         raise SystemExit(f"{args.env_id}: the action space is {space}; the actors need a bounded Box")
     low, high = space.low.astype(np.float32), space.high.astype(np.float32)
     train_data = dict(train_data, actions=np.clip(2 * (train_data["actions"] - low) / (high - low) - 1, -1, 1))
-    data = Transitions(train_data, device)
-    obs_dim, action_dim = data.data["observations"].shape[1], data.data["actions"].shape[1]
+    replay = ReplayBuffer(train_data, device, capacity=args.online_steps)  # the offline data, then online transitions
+    obs_dim, action_dim = replay.data["observations"].shape[1], replay.data["actions"].shape[1]
 
     actor = (FlowActor if args.policy == "flow" else GaussianActor)(obs_dim, action_dim, args).to(device)
     actor.action_low.copy_(torch.as_tensor(low))
@@ -440,15 +470,24 @@ def main(args: Args):
     target_critic.load_state_dict(critic.state_dict())
     actor_optimizer = torch.optim.Adam(actor.parameters(), lr=args.learning_rate)
     critic_optimizer = torch.optim.Adam(critic.parameters(), lr=args.learning_rate)
-    start_step = 0
+    log_temperature = torch.tensor(math.log(args.initial_temperature), device=device, requires_grad=True)  # online
+    temperature_optimizer = torch.optim.Adam([log_temperature], lr=args.learning_rate)
+    target_entropy = -float(action_dim) if args.target_entropy is None else args.target_entropy
+    start_step = start_env_step = 0
     if checkpoint is not None:
         for module, key in ((actor, "actor"), (critic, "critic"), (target_critic, "target_critic"),
-                            (actor_optimizer, "actor_optimizer"), (critic_optimizer, "critic_optimizer")):  # fmt: skip
+                            (actor_optimizer, "actor_optimizer"), (critic_optimizer, "critic_optimizer"),
+                            (temperature_optimizer, "temperature_optimizer")):  # fmt: skip
             module.load_state_dict(checkpoint[key])
+        with torch.no_grad():
+            log_temperature.copy_(checkpoint["log_temperature"])
+        for key, value in checkpoint["online_transitions"].items():  # the replay buffer's online part
+            replay.data[key][replay.offline_size : replay.offline_size + len(value)] = value.to(device)
+        replay.size = replay.offline_size + checkpoint["env_steps"]
         torch.set_rng_state(checkpoint["torch_rng"])
         rng.bit_generator.state = json.loads(checkpoint["numpy_rng"])
-        start_step = checkpoint["step"]
-        print(f"resumed {run_dir} at step {start_step}")
+        start_step, start_env_step = checkpoint["step"], checkpoint["env_steps"]
+        print(f"resumed {run_dir} at step {start_step}, {start_env_step} online env steps")
 
     if checkpoint is None:
         run_dir = claim_run_dir(run_dir)
@@ -465,42 +504,41 @@ def main(args: Args):
         wandb.init(project=args.wandb_project_name, entity=args.wandb_entity, config=dataclasses.asdict(args),
                    name=os.path.basename(run_dir), dir=run_dir, sync_tensorboard=True)  # fmt: skip
     csv_path = os.path.join(run_dir, "eval.csv")
-    fields = ["step", "wall_time", "success", "return", "score"]
+    fields = ["step", "env_steps", "wall_time", "success", "return", "score"]
     kept = []  # on resume, the evaluations up to the checkpoint (later ones are redone, as purge_step does)
     if start_step and os.path.exists(csv_path):
         with open(csv_path, newline="") as f:
             kept = [row for row in csv.reader(f)][1:]
-        kept = [row for row in kept if int(row[0]) <= start_step]
+        kept = [row for row in kept if int(row[0]) <= start_step and int(row[1]) <= start_env_step]
     with open(csv_path, "w", newline="") as f:
         csv.writer(f).writerows([fields] + kept)
     print(f"{args.policy} actor, {sum(p.numel() for p in actor.parameters()):,} + {sum(p.numel() for p in critic.parameters()):,} "
-          f"critic parameters, {data.size:,} transitions, device {device}; writing to {run_dir}")  # fmt: skip
+          f"critic parameters, {replay.size:,} transitions, device {device}; writing to {run_dir}")  # fmt: skip
 
-    def run_evaluation(step):
-        stats = evaluate(actor, envs, obs_space, args, device, step, video_dir, score_fn)
+    def run_evaluation(step, env_steps):
+        stats = evaluate(actor, envs, obs_space, args, device, step + env_steps, video_dir, score_fn)
         with open(csv_path, "a", newline="") as f:
-            csv.writer(f).writerow([step, round(time.time() - start_time, 1)] + [stats[k] for k in fields[2:]])
+            csv.writer(f).writerow([step, env_steps, round(time.time() - start_time, 1)] + [stats[k] for k in fields[3:]])
         for k, v in stats.items():
             if not math.isnan(v):
-                writer.add_scalar(f"eval/{k}", v, step)
-        print(f"step {step}: " + ", ".join(f"{k} {stats[k]:.3f}" for k in fields[2:] if not math.isnan(stats[k])))
+                writer.add_scalar(f"eval/{k}", v, step + env_steps)
+        where = f"step {step}" + (f", online env step {env_steps}" if env_steps else "")
+        print(f"{where}: " + ", ".join(f"{k} {stats[k]:.3f}" for k in fields[3:] if not math.isnan(stats[k])))
 
-    def save(step):
+    def save(step, env_steps):
         torch.save({"actor": actor.state_dict(), "critic": critic.state_dict(), "target_critic": target_critic.state_dict(),
                     "actor_optimizer": actor_optimizer.state_dict(), "critic_optimizer": critic_optimizer.state_dict(),
-                    "step": step, "args": dataclasses.asdict(args), "torch_rng": torch.get_rng_state(),
+                    "log_temperature": log_temperature.detach(), "temperature_optimizer": temperature_optimizer.state_dict(),
+                    "online_transitions": replay.online_part(), "step": step, "env_steps": env_steps,
+                    "args": dataclasses.asdict(args), "torch_rng": torch.get_rng_state(),
                     "numpy_rng": json.dumps(rng.bit_generator.state)},
-                   os.path.join(run_dir, "checkpoints", f"step_{step}.pt"))  # fmt: skip
+                   os.path.join(run_dir, "checkpoints", f"step_{step + env_steps}.pt"))  # fmt: skip
 
-    start_time = time.time()
-    if start_step == 0:
-        run_evaluation(0)
-    first_bad_step = torch.tensor(-1, device=device)  # first non-finite loss, tracked without a host sync
-    last_log_time, last_log_step = time.time(), start_step
-    for step in tqdm(range(start_step + 1, args.total_steps + 1), initial=start_step, total=args.total_steps, smoothing=0.05):
-        batch = data.sample(args.batch_size, rng)
+    def update(bc_weight, target_temperature, entropy_weight):
+        """One critic and one actor step on a batch from the replay buffer; returns the losses for logging."""
+        batch = replay.sample(args.batch_size, rng)
         q = critic(batch["observations"], batch["actions"])
-        critic_loss = (q - td_target(actor, target_critic, batch, args)).square().mean()
+        critic_loss = (q - td_target(actor, target_critic, batch, args, target_temperature)).square().mean()
         critic_optimizer.zero_grad(set_to_none=True)
         critic_loss.backward()
         critic_optimizer.step()
@@ -508,31 +546,90 @@ def main(args: Args):
         actions, log_prob = actor.sample(batch["observations"])
         q_pi = critic(batch["observations"], actions.clamp(-1, 1)).min(0).values  # reparameterised through the actor
         bc_nll = -actor.log_prob(batch["observations"], batch["actions"]).mean()
-        actor_loss = -q_pi.mean() + args.alpha * bc_nll + args.entropy_weight * log_prob.mean()
+        actor_loss = -q_pi.mean() + bc_weight * bc_nll + entropy_weight * log_prob.mean()
         actor_optimizer.zero_grad(set_to_none=True)
         actor_loss.backward()  # also leaves gradients on the critic, cleared before its next step
         actor_optimizer.step()
         with torch.no_grad():
             torch._foreach_lerp_(list(target_critic.parameters()), list(critic.parameters()), args.tau)
-        bad = ~torch.isfinite(critic_loss) | ~torch.isfinite(actor_loss)
-        first_bad_step = torch.where((first_bad_step < 0) & bad, step, first_bad_step)
+        return {"critic_loss": critic_loss, "actor_loss": actor_loss, "bc_nll": bc_nll, "q_mean": q.mean(),
+                "q_pi": q_pi.mean(), "log_prob": log_prob.mean()}  # fmt: skip
 
+    def check_finite(losses, first_bad, step):
+        bad = ~torch.isfinite(losses["critic_loss"]) | ~torch.isfinite(losses["actor_loss"])
+        return torch.where((first_bad < 0) & bad, step, first_bad)
+
+    def stop_if_non_finite(first_bad, phase):
+        if first_bad.item() >= 0:  # before anything logs, evaluates or saves a broken agent
+            raise SystemExit(f"non-finite training loss at {phase} step {first_bad.item()}; stopping (try a lower --learning-rate)")
+
+    start_time = time.time()
+    if start_step == 0:
+        run_evaluation(0, 0)
+    first_bad_step = torch.tensor(-1, device=device)  # first non-finite loss, tracked without a host sync
+    last_log_time, last_log_step = time.time(), start_step
+    for step in tqdm(range(start_step + 1, args.total_steps + 1), initial=start_step, total=args.total_steps, smoothing=0.05):
+        losses = update(args.alpha, 0.0, args.entropy_weight)
+        first_bad_step = check_finite(losses, first_bad_step, step)
         last = step == args.total_steps
         if any(step % n == 0 for n in (args.log_interval, args.eval_interval, args.save_interval)) or last:
-            if first_bad_step.item() >= 0:  # before anything logs, evaluates or saves a broken agent
-                raise SystemExit(f"non-finite training loss at step {first_bad_step.item()}; stopping "
-                                 f"(try a lower --learning-rate)")  # fmt: skip
+            stop_if_non_finite(first_bad_step, "offline")
         if step % args.log_interval == 0 or last:
             speed = (step - last_log_step) / (time.time() - last_log_time)
             last_log_time, last_log_step = time.time(), step
-            for key, value in (("critic_loss", critic_loss), ("actor_loss", actor_loss), ("bc_nll", bc_nll),
-                               ("q_mean", q.mean()), ("q_pi", q_pi.mean()), ("log_prob", log_prob.mean())):  # fmt: skip
+            for key, value in losses.items():
                 writer.add_scalar(f"train/{key}", value.item(), step)
             writer.add_scalar("perf/steps_per_second", speed, step)
         if step % args.eval_interval == 0 or last:
-            run_evaluation(step)
+            run_evaluation(step, 0)
         if step % args.save_interval == 0 or last:
-            save(step)
+            save(step, 0)
+
+    if args.online_steps > start_env_step:  # online MaxEnt fine-tuning: SAC with the actor's exact log-density
+        env = make_env()
+        np.random.seed(args.seed + start_env_step)  # OGBench draws start noise from NumPy's global generator
+        ob = flatten_observation(obs_space, env.reset(seed=args.seed + start_env_step)[0])  # a resume starts an episode
+        episode_return, episode_success = 0.0, 0.0
+        first_bad_step = torch.tensor(-1, device=device)
+        for env_step in tqdm(range(start_env_step + 1, args.online_steps + 1), initial=start_env_step, total=args.online_steps):
+            with torch.no_grad():
+                action, _ = actor.sample(torch.as_tensor(ob[None], dtype=torch.float32, device=device))
+                action = action[0].clamp(-1, 1)
+            next_ob, reward, terminated, truncated, info = env.step(actor.to_env_units(action).cpu().numpy())
+            next_ob = flatten_observation(obs_space, next_ob)
+            replay.add(observations=ob, actions=action, rewards=reward, masks=1.0 - terminated, next_observations=next_ob)
+            episode_return += reward
+            episode_success = max(episode_success, float(info.get("success", 0.0)))
+            ob = next_ob
+            if terminated or truncated:
+                writer.add_scalar("online/episode_return", episode_return, args.total_steps + env_step)
+                writer.add_scalar("online/episode_success", episode_success, args.total_steps + env_step)
+                ob = flatten_observation(obs_space, env.reset()[0])
+                episode_return, episode_success = 0.0, 0.0
+
+            bc_weight = {"anneal": args.alpha * (1 - env_step / args.online_steps), "keep": args.alpha, "off": 0.0}[args.online_bc]
+            temperature = log_temperature.detach().exp()
+            losses = update(bc_weight, temperature, temperature)
+            with torch.no_grad():
+                _, log_prob = actor.sample(replay.sample(args.batch_size, rng)["observations"])
+            temperature_loss = -(log_temperature * (log_prob + target_entropy)).mean()  # tune toward the target entropy
+            temperature_optimizer.zero_grad(set_to_none=True)
+            temperature_loss.backward()
+            temperature_optimizer.step()
+            first_bad_step = check_finite(losses, first_bad_step, env_step)
+
+            last = env_step == args.online_steps
+            if any(env_step % n == 0 for n in (args.log_interval, args.eval_interval, args.save_interval)) or last:
+                stop_if_non_finite(first_bad_step, "online env")
+            if env_step % args.log_interval == 0 or last:
+                for key, value in losses.items():
+                    writer.add_scalar(f"online/{key}", value.item(), args.total_steps + env_step)
+                writer.add_scalar("online/temperature", temperature.item(), args.total_steps + env_step)
+                writer.add_scalar("online/bc_weight", bc_weight, args.total_steps + env_step)
+            if env_step % args.eval_interval == 0 or last:
+                run_evaluation(args.total_steps, env_step)
+            if env_step % args.save_interval == 0 or last:
+                save(args.total_steps, env_step)
     writer.close()
     if args.track:
         wandb.finish()

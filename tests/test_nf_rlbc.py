@@ -152,8 +152,37 @@ def test_clear_errors(tmp_path, ogbench_dir, minari_dir):
          "python make_dataset.py pointmaze-large-navigate-v0"),
         (["--source", "minari", "--env-id", "mujoco/hopper/expert-v0"], "minari download mujoco/hopper/expert-v0"),
         (source_args("ogbench", ogbench_dir) + ["--discount", "1.0"], "--discount"),
-        (source_args("ogbench", ogbench_dir) + ["--learning-rate", "1e12"], "non-finite training loss at step"),
+        (source_args("ogbench", ogbench_dir) + ["--learning-rate", "1e12"], "non-finite training loss at offline step"),
     ]
     for argv, message in cases:
         with pytest.raises(SystemExit, match=message):
             run(out + argv)
+
+
+@pytest.mark.parametrize("policy", ["flow", "gaussian"])
+def test_online_fine_tuning_grows_the_buffer_and_tunes_the_temperature(tmp_path, ogbench_dir, policy):
+    argv = source_args("ogbench", ogbench_dir) + ["--output-dir", str(tmp_path), "--policy", policy, "--online-steps", "6"]
+    run_dir, _ = run(argv + QUICK)
+    evaluations = rows(run_dir)
+    assert [(int(r["step"]), int(r["env_steps"])) for r in evaluations] == [(0, 0), (3, 0), (6, 0), (6, 3), (6, 6)]
+    assert all(math.isfinite(float(r["success"])) for r in evaluations)
+    checkpoint = torch.load(f"{run_dir}/checkpoints/step_12.pt", weights_only=True)
+    online = checkpoint["online_transitions"]
+    assert checkpoint["env_steps"] == 6 and all(len(v) == 6 for v in online.values())
+    assert (online["rewards"] <= 0).all() and online["actions"].abs().max() <= 1  # singletask rewards, scaled actions
+    np.testing.assert_allclose(online["observations"][1:], online["next_observations"][:-1])  # one episode, in order
+    assert abs(checkpoint["log_temperature"].item() - math.log(0.01)) > 0  # tuned
+    # resuming inside the online phase restores the buffer and goes on (with a fresh episode)
+    copy = str(tmp_path / "copy")
+    shutil.copytree(run_dir, copy)
+    run(["--resume", f"{copy}/checkpoints/step_9.pt"])
+    resumed = torch.load(f"{copy}/checkpoints/step_12.pt", weights_only=True)["online_transitions"]
+    torch.testing.assert_close(resumed["observations"][:3], online["observations"][:3], rtol=0, atol=0)
+    assert [(int(r["step"]), int(r["env_steps"])) for r in rows(copy)] == [(0, 0), (3, 0), (6, 0), (6, 3), (6, 6)]
+
+
+def test_online_bc_weight_flags(tmp_path, ogbench_dir):
+    for mode in ("keep", "off"):
+        argv = source_args("ogbench", ogbench_dir) + ["--output-dir", str(tmp_path / mode), "--online-steps", "2", "--online-bc", mode]
+        run_dir, _ = run(argv + QUICK)
+        assert int(rows(run_dir)[-1]["env_steps"]) == 2
