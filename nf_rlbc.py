@@ -610,9 +610,8 @@ def main(args: Args):
             bc_weight = {"anneal": args.alpha * (1 - env_step / args.online_steps), "keep": args.alpha, "off": 0.0}[args.online_bc]
             temperature = log_temperature.detach().exp()
             losses = update(bc_weight, temperature, temperature)
-            with torch.no_grad():
-                _, log_prob = actor.sample(replay.sample(args.batch_size, rng)["observations"])
-            temperature_loss = -(log_temperature * (log_prob + target_entropy)).mean()  # tune toward the target entropy
+            log_prob = losses["log_prob"].detach()  # of the batch the actor just trained on (as Stable-Baselines3)
+            temperature_loss = -log_temperature * (log_prob + target_entropy)  # tune toward the target entropy
             temperature_optimizer.zero_grad(set_to_none=True)
             temperature_loss.backward()
             temperature_optimizer.step()
