@@ -349,6 +349,12 @@ class FlowActor(Actor):
     def sample(self, obs):
         return self.flow.sample_with_log_prob(self.encoder(obs))
 
+    def sample_and_score(self, obs, data_actions):
+        """Reparameterised samples, their log-density and the log-density of data actions: one encoder pass."""
+        cond = self.encoder(obs)
+        actions, log_prob = self.flow.sample_with_log_prob(cond)
+        return actions, log_prob, self.flow.log_prob(data_actions, cond)
+
     def act(self, obs, generator: torch.Generator):
         z = torch.randn(len(obs), self.flow.dim, generator=generator, device=obs.device)
         return self.to_env_units(self.flow.sample(self.encoder(obs), z))
@@ -373,6 +379,11 @@ class GaussianActor(Actor):
         dist = self.distribution(obs)
         actions = dist.rsample()
         return actions, dist.log_prob(actions).sum(-1)
+
+    def sample_and_score(self, obs, data_actions):
+        dist = self.distribution(obs)
+        actions = dist.rsample()
+        return actions, dist.log_prob(actions).sum(-1), dist.log_prob(data_actions).sum(-1)
 
     def act(self, obs, generator: torch.Generator):
         return self.to_env_units(self.distribution(obs).mean)
@@ -543,12 +554,14 @@ def main(args: Args):
         critic_loss.backward()
         critic_optimizer.step()
 
-        actions, log_prob = actor.sample(batch["observations"])
+        actions, log_prob, data_log_prob = actor.sample_and_score(batch["observations"], batch["actions"])
+        critic.requires_grad_(False)  # the actor's gradient flows through the critic, not into its weights
         q_pi = critic(batch["observations"], actions.clamp(-1, 1)).min(0).values  # reparameterised through the actor
-        bc_nll = -actor.log_prob(batch["observations"], batch["actions"]).mean()
+        critic.requires_grad_(True)
+        bc_nll = -data_log_prob.mean()
         actor_loss = -q_pi.mean() + bc_weight * bc_nll + entropy_weight * log_prob.mean()
         actor_optimizer.zero_grad(set_to_none=True)
-        actor_loss.backward()  # also leaves gradients on the critic, cleared before its next step
+        actor_loss.backward()
         actor_optimizer.step()
         with torch.no_grad():
             torch._foreach_lerp_(list(target_critic.parameters()), list(critic.parameters()), args.tau)
