@@ -162,3 +162,8 @@ def test_multigoal_demonstrations_split_between_the_goals(tmp_path):
     reached = final_distance.argmin(1)
     assert len(np.unique(reached)) == len(goal_xys)  # the demonstrations use every goal (40 episodes, 4 goals)
     assert (np.diff(np.r_[-1, ends]) < 300).all()  # demonstrations finish well inside the time limit
+
+
+def test_episode_count_and_transition_count_are_exclusive(tmp_path):
+    with pytest.raises(ValueError, match="not both"):
+        make(tmp_path, "pointmaze-medium-multigoal-v0", num_episodes=2, num_transitions=100)

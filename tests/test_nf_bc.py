@@ -239,3 +239,18 @@ def test_runs_started_in_the_same_second_get_their_own_directories(tmp_path):
     first = nf_bc.claim_run_dir(str(tmp_path / "run"))
     second = nf_bc.claim_run_dir(str(tmp_path / "run"))
     assert first != second and second.endswith("run_2")
+
+
+def test_dict_observations_flatten_the_same_for_a_step_and_an_episode():
+    """Minari datasets such as Kitchen store dict observations; the env gives one step, the dataset a batch."""
+    Box, Dict = gymnasium.spaces.Box, gymnasium.spaces.Dict
+    space = Dict({"observation": Box(-1, 1, (3,)), "desired_goal": Dict({"kettle": Box(-1, 1, (2,)), "light": Box(-1, 1, (1,))})})
+    episode = {"observation": np.arange(12.0).reshape(4, 3),
+               "desired_goal": {"kettle": 100 + np.arange(8.0).reshape(4, 2), "light": 200 + np.arange(4.0)[:, None]}}  # fmt: skip
+    flat = nf_bc.flatten_observation(space, episode)
+    assert flat.shape == (4, 6) and flat.dtype == np.float32
+    for t in range(4):
+        step = {"observation": episode["observation"][t],
+                "desired_goal": {k: v[t] for k, v in episode["desired_goal"].items()}}  # fmt: skip
+        np.testing.assert_array_equal(nf_bc.flatten_observation(space, step), flat[t])
+        np.testing.assert_array_equal(gymnasium.spaces.flatten(space, step), flat[t])  # gymnasium's order too
