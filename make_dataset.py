@@ -403,8 +403,9 @@ def make_dataset(args: Args) -> Dict[str, str]:
             pool.join()
     train, val = to_arrays(episodes[:num_train]), to_arrays(episodes[num_train:])
     if recipe.dataset_type == "multigoal":
-        train.update(multigoal_metadata(replace(recipe, episode_steps=episode_steps)))
-        val.update(multigoal_metadata(replace(recipe, episode_steps=episode_steps)))
+        metadata = multigoal_metadata(replace(recipe, episode_steps=episode_steps))
+        train.update(metadata)
+        val.update(metadata)
     save_atomic(paths["val"], val)  # val first: a train file on disk implies its val file is complete
     save_atomic(paths["train"], train)
     elapsed = time.time() - start

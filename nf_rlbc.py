@@ -194,29 +194,22 @@ def load_minari(dataset_id: str):
     return dataset, data
 
 
-class Transitions:
-    """(s, a, r, mask, s') on `device`, sampled uniformly."""
+class ReplayBuffer:
+    """(s, a, r, mask, s') on `device`: the offline transitions, then room for `capacity` online ones; samples
+    uniformly from all that are stored."""
 
     KEYS = ("observations", "actions", "rewards", "masks", "next_observations")
 
-    def __init__(self, data: Dict[str, np.ndarray], device: torch.device):
-        self.data = {k: torch.as_tensor(np.asarray(data[k]), dtype=torch.float32, device=device) for k in self.KEYS}
-        self.size = len(self.data["rewards"])
-        if any(len(v) != self.size for v in self.data.values()):
-            raise SystemExit(f"dataset: {', '.join(f'{k} {tuple(v.shape)}' for k, v in self.data.items())} differ in length")
+    def __init__(self, data: Dict[str, np.ndarray], device: torch.device, capacity: int):
+        offline = {k: torch.as_tensor(np.asarray(data[k]), dtype=torch.float32, device=device) for k in self.KEYS}
+        self.size = self.offline_size = len(offline["rewards"])
+        if any(len(v) != self.size for v in offline.values()):
+            raise SystemExit(f"dataset: {', '.join(f'{k} {tuple(v.shape)}' for k, v in offline.items())} differ in length")
+        self.data = {k: torch.cat([v, v.new_zeros((capacity,) + v.shape[1:])]) for k, v in offline.items()}
 
     def sample(self, batch_size: int, rng: np.random.Generator) -> Dict[str, torch.Tensor]:
         idx = torch.as_tensor(rng.integers(self.size, size=batch_size), device=self.data["rewards"].device)
         return {k: v[idx] for k, v in self.data.items()}
-
-
-class ReplayBuffer(Transitions):
-    """The offline transitions, then room for `capacity` online ones; samples uniformly from all stored."""
-
-    def __init__(self, data: Dict[str, np.ndarray], device: torch.device, capacity: int):
-        super().__init__(data, device)
-        self.offline_size = self.size
-        self.data = {k: torch.cat([v, v.new_zeros((capacity,) + v.shape[1:])]) for k, v in self.data.items()}
 
     def add(self, **transition):
         for k, v in transition.items():
@@ -227,8 +220,13 @@ class ReplayBuffer(Transitions):
         return {k: v[self.offline_size : self.size].cpu() for k, v in self.data.items()}
 
 
+def scale_actions(actions: np.ndarray, low: np.ndarray, high: np.ndarray) -> np.ndarray:
+    """Actions from [low, high] to [-1, 1], the box the policies act in."""
+    return np.clip(2 * (actions - low) / (high - low) - 1, -1, 1).astype(np.float32)
+
+
 def load_task(args: Args):
-    """Transitions, a function that makes one evaluation env, the observation space and the normalised score."""
+    """The transitions, a function that makes one evaluation env, the observation space and the normalised score."""
     render = dict(render_mode="rgb_array", width=200, height=200) if args.capture_video else {}
     if args.source == "ogbench":
         env, train, _ = load_ogbench(args.env_id, args.dataset_dir)
@@ -343,9 +341,6 @@ class FlowActor(Actor):
         super().__init__(obs_dim, action_dim, args)
         self.flow = ConditionalFlow(action_dim, args.rep_dim, args.num_blocks, args.hidden_dim)
 
-    def log_prob(self, obs, actions):
-        return self.flow.log_prob(actions, self.encoder(obs))
-
     def sample(self, obs):
         return self.flow.sample_with_log_prob(self.encoder(obs))
 
@@ -371,9 +366,6 @@ class GaussianActor(Actor):
     def distribution(self, obs):
         mean, log_std = self.head(self.encoder(obs)).chunk(2, -1)
         return torch.distributions.Normal(mean, log_std.clamp(-5, 2).exp())
-
-    def log_prob(self, obs, actions):
-        return self.distribution(obs).log_prob(actions).sum(-1)
 
     def sample(self, obs):
         dist = self.distribution(obs)
@@ -469,7 +461,7 @@ def main(args: Args):
     if not isinstance(space, gymnasium.spaces.Box) or not (np.isfinite(space.low).all() and np.isfinite(space.high).all()):
         raise SystemExit(f"{args.env_id}: the action space is {space}; the actors need a bounded Box")
     low, high = space.low.astype(np.float32), space.high.astype(np.float32)
-    train_data = dict(train_data, actions=np.clip(2 * (train_data["actions"] - low) / (high - low) - 1, -1, 1))
+    train_data = dict(train_data, actions=scale_actions(train_data["actions"], low, high))
     replay = ReplayBuffer(train_data, device, capacity=args.online_steps)  # the offline data, then online transitions
     obs_dim, action_dim = replay.data["observations"].shape[1], replay.data["actions"].shape[1]
 

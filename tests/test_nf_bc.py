@@ -9,6 +9,7 @@ import numpy as np
 import pytest
 import torch
 import tyro
+from conftest import MINARI_ID
 
 import make_dataset
 import nf_bc
@@ -17,7 +18,6 @@ QUICK = ["--total-steps", "6", "--batch-size", "16", "--log-interval", "2", "--e
          "--save-interval", "3", "--eval-episodes", "2", "--eval-max-steps", "7", "--warmup-steps", "2",
          "--num-blocks", "2", "--hidden-dim", "32", "--rep-dim", "16", "--obs-horizon", "2",
          "--action-horizon", "3", "--exec-horizon", "2", "--no-cuda"]  # fmt: skip
-MINARI_ID = "test/pendulum/random-v0"
 
 
 @pytest.fixture(scope="module")
@@ -27,46 +27,11 @@ def npz_dir(tmp_path_factory):
     return str(path)
 
 
-@pytest.fixture(scope="module")
-def ogbench_dir(tmp_path_factory):
-    path = tmp_path_factory.mktemp("ogbench")
-    make_dataset.make_dataset(make_dataset.Args(env_name="pointmaze-medium-navigate-v0", dataset_dir=str(path),
-                                                num_transitions=1_000, episode_steps=250, num_workers=1))  # fmt: skip
-    return str(path)
-
-
-@pytest.fixture(scope="module")
-def minari_dir(tmp_path_factory):
-    """A 12-episode Minari dataset of random Pendulum play (1-D actions in [-2, 2]), with reference scores."""
-    import minari
-    from minari.data_collector.episode_buffer import EpisodeBuffer
-
-    path = tmp_path_factory.mktemp("minari")
-    patch = pytest.MonkeyPatch()
-    patch.setenv("MINARI_DATASETS_PATH", str(path))
-    env = gymnasium.make("Pendulum-v1")
-    rng = np.random.default_rng(0)
-    buffers = []
-    for episode in range(12):
-        ob, _ = env.reset(seed=episode)
-        obs, actions, rewards = [ob], [], []
-        for _ in range(40):
-            action = rng.uniform(-2, 2, 1).astype(np.float32)
-            ob, reward, *_ = env.step(action)
-            obs.append(ob), actions.append(action), rewards.append(reward)
-        buffers.append(EpisodeBuffer(observations=np.array(obs), actions=np.array(actions), rewards=np.array(rewards),
-                                     terminations=np.zeros(40, bool), truncations=np.arange(40) == 39))  # fmt: skip
-    minari.create_dataset_from_buffers(MINARI_ID, buffers, env=env, eval_env="Pendulum-v1", algorithm_name="random",
-                                       ref_min_score=-1500.0, ref_max_score=0.0)  # fmt: skip
-    yield str(path)
-    patch.undo()
-
-
-def source_args(source, npz_dir, ogbench_dir):
+def source_args(source, npz_dir, pointmaze_dir):
     if source == "npz":
         return ["--source", "npz", "--env-id", "pointmaze-medium-multigoal-v0", "--dataset-dir", npz_dir]
     if source == "ogbench":
-        return ["--source", "ogbench", "--env-id", "pointmaze-medium-navigate-singletask-task1-v0", "--dataset-dir", ogbench_dir]
+        return ["--source", "ogbench", "--env-id", "pointmaze-medium-navigate-singletask-task1-v0", "--dataset-dir", pointmaze_dir]
     return ["--source", "minari", "--env-id", MINARI_ID]
 
 
@@ -85,8 +50,8 @@ def rows(run_dir):
 
 @pytest.mark.parametrize("policy", ["flow", "gaussian"])
 @pytest.mark.parametrize("source", ["npz", "ogbench", "minari"])
-def test_each_source_trains_evaluates_and_reloads(tmp_path, npz_dir, ogbench_dir, minari_dir, source, policy):
-    run_dir, trained = run(source_args(source, npz_dir, ogbench_dir) + ["--output-dir", str(tmp_path), "--policy", policy] + QUICK)
+def test_each_source_trains_evaluates_and_reloads(tmp_path, npz_dir, pointmaze_dir, minari_dir, source, policy):
+    run_dir, trained = run(source_args(source, npz_dir, pointmaze_dir) + ["--output-dir", str(tmp_path), "--policy", policy] + QUICK)
     evaluations = rows(run_dir)
     assert [int(r["step"]) for r in evaluations] == [0, 3, 6]
     defined = {"npz": ["val_nll", "return", "success"], "ogbench": ["val_nll", "return", "success"],
@@ -166,8 +131,8 @@ def test_evaluation_executes_the_first_m_actions_of_each_chunk():
 
 
 @pytest.mark.parametrize("policy", ["flow", "gaussian"])
-def test_resumed_run_matches_an_uninterrupted_one(tmp_path, npz_dir, ogbench_dir, policy):
-    base = source_args("npz", npz_dir, ogbench_dir) + ["--policy", policy] + QUICK
+def test_resumed_run_matches_an_uninterrupted_one(tmp_path, npz_dir, pointmaze_dir, policy):
+    base = source_args("npz", npz_dir, pointmaze_dir) + ["--policy", policy] + QUICK
     run_dir, _ = run(base + ["--output-dir", str(tmp_path / "a")])
     copy = str(tmp_path / "copy")
     shutil.copytree(run_dir, copy)
@@ -193,22 +158,22 @@ def test_plain_npz_without_an_environment_reports_validation_nll(tmp_path):
         assert math.isfinite(float(row["val_nll"])) and math.isnan(float(row["return"]))
 
 
-def test_clear_errors(tmp_path, npz_dir, ogbench_dir, minari_dir):
+def test_clear_errors(tmp_path, npz_dir, pointmaze_dir, minari_dir):
     out = ["--output-dir", str(tmp_path)] + QUICK
     cases = [
-        (["--source", "ogbench", "--env-id", "pointmaze-medium-navigate-v0", "--dataset-dir", ogbench_dir], "singletask-task1-v0"),
-        (["--source", "ogbench", "--env-id", "pointmaze-medum-navigate-singletask-v0", "--dataset-dir", ogbench_dir], "did you mean"),
+        (["--source", "ogbench", "--env-id", "pointmaze-medium-navigate-v0", "--dataset-dir", pointmaze_dir], "singletask-task1-v0"),
+        (["--source", "ogbench", "--env-id", "pointmaze-medum-navigate-singletask-v0", "--dataset-dir", pointmaze_dir], "did you mean"),
         (["--source", "ogbench", "--env-id", "pointmaze-large-navigate-singletask-v0", "--dataset-dir", str(tmp_path / "none")],
          "python make_dataset.py pointmaze-large-navigate-v0"),
         (["--env-id", "pointmaze-medium-multigoal-v0", "--dataset-dir", str(tmp_path / "none")],
          "python make_dataset.py pointmaze-medium-multigoal-v0"),
         (["--source", "minari", "--env-id", "mujoco/hopper/expert-v0"], "minari download mujoco/hopper/expert-v0"),
         (["--source", "minari", "--env-id", "test/pendulum/randm-v0"], "Did you mean test/pendulum/random-v0"),
-        (source_args("npz", npz_dir, ogbench_dir) + ["--exec-horizon", "4"], "cannot exceed --action-horizon"),
-        (source_args("npz", npz_dir, ogbench_dir) + ["--eval-env", "Pendulm-v1"], "did you mean Pendulum-v1"),
-        (source_args("npz", npz_dir, ogbench_dir) + ["--eval-env", "Pendulum-v1"], "1-D actions|2-D actions"),
-        (source_args("minari", npz_dir, ogbench_dir) + ["--eval-env", "Pendulum-v1"], "--eval-env is for --source npz"),
-        (source_args("npz", npz_dir, ogbench_dir) + ["--learning-rate", "1e9"], "non-finite training loss at step"),
+        (source_args("npz", npz_dir, pointmaze_dir) + ["--exec-horizon", "4"], "cannot exceed --action-horizon"),
+        (source_args("npz", npz_dir, pointmaze_dir) + ["--eval-env", "Pendulm-v1"], "did you mean Pendulum-v1"),
+        (source_args("npz", npz_dir, pointmaze_dir) + ["--eval-env", "Pendulum-v1"], "1-D actions|2-D actions"),
+        (source_args("minari", npz_dir, pointmaze_dir) + ["--eval-env", "Pendulum-v1"], "--eval-env is for --source npz"),
+        (source_args("npz", npz_dir, pointmaze_dir) + ["--learning-rate", "1e9"], "non-finite training loss at step"),
     ]
     for argv, message in cases:
         with pytest.raises(SystemExit, match=message):
@@ -221,13 +186,13 @@ def test_clear_errors(tmp_path, npz_dir, ogbench_dir, minari_dir):
         run(["--env-id", "corrupt", "--dataset-dir", str(tmp_path)] + out)
 
 
-def test_mode_picture_is_written(tmp_path, npz_dir, ogbench_dir):
+def test_mode_picture_is_written(tmp_path, npz_dir, pointmaze_dir):
     import importlib.util
 
     spec = importlib.util.spec_from_file_location("plot_bc_modes", f"{nf_bc.__file__[:-len('nf_bc.py')]}scripts/plot_bc_modes.py")
     plot = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(plot)
-    base = source_args("npz", npz_dir, ogbench_dir) + ["--output-dir", str(tmp_path)] + QUICK
+    base = source_args("npz", npz_dir, pointmaze_dir) + ["--output-dir", str(tmp_path)] + QUICK
     flow_run, _ = run(base + ["--policy", "flow", "--exp-name", "flow"])
     gaussian_run, _ = run(base + ["--policy", "gaussian", "--exp-name", "gaussian"])
     out = tmp_path / "modes.png"

@@ -12,7 +12,6 @@ import pytest
 import torch
 import tyro
 
-import make_dataset
 import nf_gcbc
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -20,13 +19,6 @@ ENV = "pointmaze-medium-navigate-v0"
 QUICK = ["--total-steps", "6", "--batch-size", "16", "--log-interval", "2", "--eval-interval", "3",
          "--save-interval", "3", "--eval-episodes", "2", "--eval-max-steps", "5", "--warmup-steps", "2",
          "--num-blocks", "2", "--hidden-dim", "32", "--no-cuda"]  # fmt: skip
-
-
-@pytest.fixture(scope="module")
-def data_dir(tmp_path_factory):
-    path = tmp_path_factory.mktemp("data")
-    make_dataset.make_dataset(make_dataset.Args(env_name=ENV, dataset_dir=str(path), num_transitions=1_000, episode_steps=250, num_workers=1))
-    return str(path)
 
 
 def run(argv):
@@ -38,8 +30,8 @@ def params(path):
 
 
 @pytest.mark.parametrize("policy", ["flow", "gaussian"])
-def test_run_writes_evaluations_and_checkpoints_that_reload(tmp_path, data_dir, policy):
-    run_dir, trained = run(["--env-id", ENV, "--dataset-dir", data_dir, "--output-dir", str(tmp_path), "--policy", policy] + QUICK)
+def test_run_writes_evaluations_and_checkpoints_that_reload(tmp_path, pointmaze_dir, policy):
+    run_dir, trained = run(["--env-id", ENV, "--dataset-dir", pointmaze_dir, "--output-dir", str(tmp_path), "--policy", policy] + QUICK)
     with open(f"{run_dir}/eval.csv") as f:
         rows = list(csv.DictReader(f))
     assert [int(r["step"]) for r in rows] == [0, 3, 6]
@@ -58,8 +50,8 @@ def test_run_writes_evaluations_and_checkpoints_that_reload(tmp_path, data_dir, 
 
 
 @pytest.mark.parametrize("policy", ["flow", "gaussian"])
-def test_resumed_run_matches_an_uninterrupted_one(tmp_path, data_dir, policy):
-    run_dir, _ = run(["--env-id", ENV, "--dataset-dir", data_dir, "--output-dir", str(tmp_path / "a"), "--policy", policy] + QUICK)
+def test_resumed_run_matches_an_uninterrupted_one(tmp_path, pointmaze_dir, policy):
+    run_dir, _ = run(["--env-id", ENV, "--dataset-dir", pointmaze_dir, "--output-dir", str(tmp_path / "a"), "--policy", policy] + QUICK)
     copy = str(tmp_path / "copy")
     shutil.copytree(run_dir, copy)
     run(["--resume", f"{copy}/checkpoints/step_3.pt"])
@@ -68,7 +60,7 @@ def test_resumed_run_matches_an_uninterrupted_one(tmp_path, data_dir, policy):
     with open(f"{copy}/eval.csv") as f:
         assert [int(r["step"]) for r in csv.DictReader(f)] == [0, 3, 6]
     # the same seed gives the same numbers
-    again, _ = run(["--env-id", ENV, "--dataset-dir", data_dir, "--output-dir", str(tmp_path / "b"), "--policy", policy] + QUICK)
+    again, _ = run(["--env-id", ENV, "--dataset-dir", pointmaze_dir, "--output-dir", str(tmp_path / "b"), "--policy", policy] + QUICK)
     for key, value in params(f"{run_dir}/checkpoints/step_6.pt").items():
         torch.testing.assert_close(params(f"{again}/checkpoints/step_6.pt")[key], value, rtol=0, atol=0)
     evaluations = []
@@ -78,13 +70,13 @@ def test_resumed_run_matches_an_uninterrupted_one(tmp_path, data_dir, policy):
     assert evaluations[0] == evaluations[1]  # evaluation included (OGBench's start noise uses NumPy's global RNG)
 
 
-def test_resume_from_run_directory_picks_the_last_checkpoint(tmp_path, data_dir):
-    run_dir, _ = run(["--env-id", ENV, "--dataset-dir", data_dir, "--output-dir", str(tmp_path)] + QUICK)
+def test_resume_from_run_directory_picks_the_last_checkpoint(tmp_path, pointmaze_dir):
+    run_dir, _ = run(["--env-id", ENV, "--dataset-dir", pointmaze_dir, "--output-dir", str(tmp_path)] + QUICK)
     assert nf_gcbc.find_checkpoint(run_dir).endswith("step_6.pt")
 
 
-def test_clear_errors(tmp_path, data_dir):
-    base = ["--dataset-dir", data_dir, "--output-dir", str(tmp_path)] + QUICK
+def test_clear_errors(tmp_path, pointmaze_dir):
+    base = ["--dataset-dir", pointmaze_dir, "--output-dir", str(tmp_path)] + QUICK
     with pytest.raises(SystemExit, match="did you mean pointmaze-medium-navigate-v0"):
         run(["--env-id", "pointmaze-medum-navigate-v0"] + base)
     with pytest.raises(SystemExit, match="python make_dataset.py pointmaze-large-navigate-v0"):
@@ -103,10 +95,10 @@ def test_clear_errors(tmp_path, data_dir):
         run(["--env-id", ENV, "--dataset-dir", str(bad)] + QUICK)
 
 
-def test_goals_come_from_the_same_trajectory(data_dir):
+def test_goals_come_from_the_same_trajectory(pointmaze_dir):
     import ogbench
 
-    _, train, _ = ogbench.make_env_and_datasets(ENV, dataset_dir=data_dir)
+    _, train, _ = ogbench.make_env_and_datasets(ENV, dataset_dir=pointmaze_dir)
     dataset = nf_gcbc.GoalDataset(train, torch.device("cpu"))
     trajectory = np.searchsorted(np.flatnonzero(train["terminals"]), np.arange(dataset.size))
     idx, goal_idx = dataset.sample_indices(5_000, 0.97, np.random.default_rng(0))
@@ -125,8 +117,8 @@ def can_render():
 
 
 @pytest.mark.skipif(not can_render(), reason="no offscreen OpenGL (EGL) for MuJoCo here")
-def test_capture_video_writes_one_video_per_task_and_evaluation(tmp_path, data_dir):
-    argv = ["--env-id", ENV, "--dataset-dir", data_dir, "--output-dir", str(tmp_path), "--capture-video"] + QUICK
+def test_capture_video_writes_one_video_per_task_and_evaluation(tmp_path, pointmaze_dir):
+    argv = ["--env-id", ENV, "--dataset-dir", pointmaze_dir, "--output-dir", str(tmp_path), "--capture-video"] + QUICK
     out = subprocess.run([sys.executable, "nf_gcbc.py"] + argv, cwd=ROOT, env=dict(os.environ, MUJOCO_GL="egl", OMP_NUM_THREADS="1"),
                          capture_output=True, text=True)  # fmt: skip
     assert out.returncode == 0, out.stderr[-2000:]
@@ -135,15 +127,15 @@ def test_capture_video_writes_one_video_per_task_and_evaluation(tmp_path, data_d
     assert len(videos) == 15 and all(os.path.getsize(run_dir / "videos" / v) > 0 for v in videos)
 
 
-def test_capture_video_without_a_display_says_how(tmp_path, data_dir, monkeypatch):
+def test_capture_video_without_a_display_says_how(tmp_path, pointmaze_dir, monkeypatch):
     monkeypatch.delenv("DISPLAY", raising=False)
     monkeypatch.delenv("MUJOCO_GL", raising=False)
     with pytest.raises(SystemExit, match="MUJOCO_GL=egl"):
-        run(["--env-id", ENV, "--dataset-dir", data_dir, "--output-dir", str(tmp_path), "--capture-video"] + QUICK)
+        run(["--env-id", ENV, "--dataset-dir", pointmaze_dir, "--output-dir", str(tmp_path), "--capture-video"] + QUICK)
 
 
-def test_non_finite_loss_stops_before_a_checkpoint_is_written(tmp_path, data_dir):
-    argv = ["--env-id", ENV, "--dataset-dir", data_dir, "--output-dir", str(tmp_path), "--learning-rate", "1e9"] + QUICK
+def test_non_finite_loss_stops_before_a_checkpoint_is_written(tmp_path, pointmaze_dir):
+    argv = ["--env-id", ENV, "--dataset-dir", pointmaze_dir, "--output-dir", str(tmp_path), "--learning-rate", "1e9"] + QUICK
     argv += ["--log-interval", "1000"]  # logging never comes first: the save at step 3 must still be guarded
     with pytest.raises(SystemExit, match="non-finite training loss at step"):
         run(argv)

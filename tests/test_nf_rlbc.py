@@ -4,64 +4,27 @@ import csv
 import math
 import shutil
 
-import gymnasium
 import numpy as np
 import pytest
 import torch
 import tyro
+from conftest import MINARI_ID
 
-import make_dataset
 import nf_rlbc
 
 QUICK = ["--total-steps", "6", "--batch-size", "16", "--log-interval", "2", "--eval-interval", "3",
          "--save-interval", "3", "--eval-episodes", "2", "--eval-max-steps", "5",
          "--num-blocks", "2", "--hidden-dim", "32", "--rep-dim", "16", "--no-cuda"]  # fmt: skip
 OGBENCH = "pointmaze-medium-navigate-singletask-task1-v0"
-MINARI_ID = "test/pendulum/random-v0"
-
-
-@pytest.fixture(scope="module")
-def ogbench_dir(tmp_path_factory):
-    path = tmp_path_factory.mktemp("ogbench")
-    make_dataset.make_dataset(make_dataset.Args(env_name="pointmaze-medium-navigate-v0", dataset_dir=str(path),
-                                                num_transitions=1_000, episode_steps=250, num_workers=1))  # fmt: skip
-    return str(path)
-
-
-@pytest.fixture(scope="module")
-def minari_dir(tmp_path_factory):
-    """Random Pendulum play (1-D actions in [-2, 2]) as a local Minari dataset with reference scores."""
-    import minari
-    from minari.data_collector.episode_buffer import EpisodeBuffer
-
-    path = tmp_path_factory.mktemp("minari")
-    patch = pytest.MonkeyPatch()
-    patch.setenv("MINARI_DATASETS_PATH", str(path))
-    env = gymnasium.make("Pendulum-v1")
-    rng = np.random.default_rng(0)
-    buffers = []
-    for episode in range(4):
-        ob, _ = env.reset(seed=episode)
-        obs, actions, rewards = [ob], [], []
-        for _ in range(40):
-            action = rng.uniform(-2, 2, 1).astype(np.float32)
-            ob, reward, *_ = env.step(action)
-            obs.append(ob), actions.append(action), rewards.append(reward)
-        buffers.append(EpisodeBuffer(observations=np.array(obs), actions=np.array(actions), rewards=np.array(rewards),
-                                     terminations=np.zeros(40, bool), truncations=np.arange(40) == 39))  # fmt: skip
-    minari.create_dataset_from_buffers(MINARI_ID, buffers, env=env, eval_env="Pendulum-v1", algorithm_name="random",
-                                       ref_min_score=-1500.0, ref_max_score=0.0)  # fmt: skip
-    yield str(path)
-    patch.undo()
 
 
 def run(argv):
     return nf_rlbc.main(tyro.cli(nf_rlbc.Args, args=argv))
 
 
-def source_args(source, ogbench_dir):
+def source_args(source, pointmaze_dir):
     if source == "ogbench":
-        return ["--env-id", OGBENCH, "--dataset-dir", ogbench_dir]
+        return ["--env-id", OGBENCH, "--dataset-dir", pointmaze_dir]
     return ["--source", "minari", "--env-id", MINARI_ID]
 
 
@@ -72,8 +35,8 @@ def rows(run_dir):
 
 @pytest.mark.parametrize("policy", ["flow", "gaussian"])
 @pytest.mark.parametrize("source", ["ogbench", "minari"])
-def test_offline_training_evaluates_and_reloads(tmp_path, ogbench_dir, minari_dir, source, policy):
-    run_dir, actor = run(source_args(source, ogbench_dir) + ["--output-dir", str(tmp_path), "--policy", policy] + QUICK)
+def test_offline_training_evaluates_and_reloads(tmp_path, pointmaze_dir, minari_dir, source, policy):
+    run_dir, actor = run(source_args(source, pointmaze_dir) + ["--output-dir", str(tmp_path), "--policy", policy] + QUICK)
     evaluations = rows(run_dir)
     assert [int(r["step"]) for r in evaluations] == [0, 3, 6]
     defined = ["success", "return"] if source == "ogbench" else ["return", "score"]
@@ -127,8 +90,8 @@ def test_td_target_on_a_hand_built_batch(q_agg):
 
 
 @pytest.mark.parametrize("policy", ["flow", "gaussian"])
-def test_resumed_run_matches_an_uninterrupted_one(tmp_path, ogbench_dir, policy):
-    base = source_args("ogbench", ogbench_dir) + ["--policy", policy] + QUICK
+def test_resumed_run_matches_an_uninterrupted_one(tmp_path, pointmaze_dir, policy):
+    base = source_args("ogbench", pointmaze_dir) + ["--policy", policy] + QUICK
     run_dir, _ = run(base + ["--output-dir", str(tmp_path / "a")])
     copy = str(tmp_path / "copy")
     shutil.copytree(run_dir, copy)
@@ -144,15 +107,15 @@ def test_resumed_run_matches_an_uninterrupted_one(tmp_path, ogbench_dir, policy)
     assert strip(rows(again)) == strip(rows(run_dir))
 
 
-def test_clear_errors(tmp_path, ogbench_dir, minari_dir):
+def test_clear_errors(tmp_path, pointmaze_dir, minari_dir):
     out = ["--output-dir", str(tmp_path)] + QUICK
     cases = [
-        (["--env-id", "pointmaze-medium-navigate-v0", "--dataset-dir", ogbench_dir], "singletask-task1-v0"),
+        (["--env-id", "pointmaze-medium-navigate-v0", "--dataset-dir", pointmaze_dir], "singletask-task1-v0"),
         (["--env-id", "pointmaze-large-navigate-singletask-v0", "--dataset-dir", str(tmp_path / "none")],
          "python make_dataset.py pointmaze-large-navigate-v0"),
         (["--source", "minari", "--env-id", "mujoco/hopper/expert-v0"], "minari download mujoco/hopper/expert-v0"),
-        (source_args("ogbench", ogbench_dir) + ["--discount", "1.0"], "--discount"),
-        (source_args("ogbench", ogbench_dir) + ["--learning-rate", "1e12"], "non-finite training loss at offline step"),
+        (source_args("ogbench", pointmaze_dir) + ["--discount", "1.0"], "--discount"),
+        (source_args("ogbench", pointmaze_dir) + ["--learning-rate", "1e12"], "non-finite training loss at offline step"),
     ]
     for argv, message in cases:
         with pytest.raises(SystemExit, match=message):
@@ -160,8 +123,8 @@ def test_clear_errors(tmp_path, ogbench_dir, minari_dir):
 
 
 @pytest.mark.parametrize("policy", ["flow", "gaussian"])
-def test_online_fine_tuning_grows_the_buffer_and_tunes_the_temperature(tmp_path, ogbench_dir, policy):
-    argv = source_args("ogbench", ogbench_dir) + ["--output-dir", str(tmp_path), "--policy", policy, "--online-steps", "6"]
+def test_online_fine_tuning_grows_the_buffer_and_tunes_the_temperature(tmp_path, pointmaze_dir, policy):
+    argv = source_args("ogbench", pointmaze_dir) + ["--output-dir", str(tmp_path), "--policy", policy, "--online-steps", "6"]
     run_dir, _ = run(argv + QUICK)
     evaluations = rows(run_dir)
     assert [(int(r["step"]), int(r["env_steps"])) for r in evaluations] == [(0, 0), (3, 0), (6, 0), (6, 3), (6, 6)]
@@ -181,8 +144,8 @@ def test_online_fine_tuning_grows_the_buffer_and_tunes_the_temperature(tmp_path,
     assert [(int(r["step"]), int(r["env_steps"])) for r in rows(copy)] == [(0, 0), (3, 0), (6, 0), (6, 3), (6, 6)]
 
 
-def test_online_bc_weight_flags(tmp_path, ogbench_dir):
+def test_online_bc_weight_flags(tmp_path, pointmaze_dir):
     for mode in ("keep", "off"):
-        argv = source_args("ogbench", ogbench_dir) + ["--output-dir", str(tmp_path / mode), "--online-steps", "2", "--online-bc", mode]
+        argv = source_args("ogbench", pointmaze_dir) + ["--output-dir", str(tmp_path / mode), "--online-steps", "2", "--online-bc", mode]
         run_dir, _ = run(argv + QUICK)
         assert int(rows(run_dir)[-1]["env_steps"]) == 2
