@@ -77,6 +77,10 @@ class Args:
     """width of the flow's coupling networks"""
     rep_dim: int = 64
     """size of the state encoding that conditions the actor"""
+    encoder_dim: int = 512
+    """width of the actor's 4-layer state encoder (paper: 512)"""
+    critic_dim: int = 512
+    """width of each of the two 4-layer critics (paper: 512)"""
     alpha: float = 10.0
     """weight of the behaviour-cloning NLL in the actor loss (paper: 10 on cube/scene/puzzle, 1 on mazes)"""
     entropy_weight: float = 0.0
@@ -309,11 +313,11 @@ def mlp(sizes, activation, layer_norm: bool) -> nn.Sequential:
 
 
 class Critic(nn.Module):
-    """An ensemble of two Q(s, a) MLPs (4 x 512, GELU, LayerNorm); returns [2, B]."""
+    """An ensemble of two Q(s, a) MLPs (4 x width, GELU, LayerNorm); returns [2, B]."""
 
-    def __init__(self, obs_dim: int, action_dim: int):
+    def __init__(self, obs_dim: int, action_dim: int, width: int = 512):
         super().__init__()
-        self.nets = nn.ModuleList([mlp([obs_dim + action_dim] + [512] * 4 + [1], nn.GELU, layer_norm=True) for _ in range(2)])
+        self.nets = nn.ModuleList([mlp([obs_dim + action_dim] + [width] * 4 + [1], nn.GELU, layer_norm=True) for _ in range(2)])
 
     def forward(self, obs, actions):
         x = torch.cat([obs, actions], -1)
@@ -321,12 +325,12 @@ class Critic(nn.Module):
 
 
 class Actor(nn.Module):
-    """What both actors share: a state encoder (4 x 512, SiLU, LayerNorm) and the action box, kept as buffers.
+    """What both actors share: a state encoder (4 x encoder_dim, SiLU, LayerNorm) and the action box, kept as buffers.
     The actors work in [-1, 1]; act() returns actions in the environment's units."""
 
     def __init__(self, obs_dim: int, action_dim: int, args: Args):
         super().__init__()
-        self.encoder = mlp([obs_dim] + [512] * 4 + [args.rep_dim], nn.SiLU, layer_norm=True)
+        self.encoder = mlp([obs_dim] + [args.encoder_dim] * 4 + [args.rep_dim], nn.SiLU, layer_norm=True)
         self.register_buffer("action_low", -torch.ones(action_dim))
         self.register_buffer("action_high", torch.ones(action_dim))
 
@@ -468,8 +472,8 @@ def main(args: Args):
     actor = (FlowActor if args.policy == "flow" else GaussianActor)(obs_dim, action_dim, args).to(device)
     actor.action_low.copy_(torch.as_tensor(low))
     actor.action_high.copy_(torch.as_tensor(high))
-    critic = Critic(obs_dim, action_dim).to(device)
-    target_critic = Critic(obs_dim, action_dim).to(device).requires_grad_(False)
+    critic = Critic(obs_dim, action_dim, args.critic_dim).to(device)
+    target_critic = Critic(obs_dim, action_dim, args.critic_dim).to(device).requires_grad_(False)
     target_critic.load_state_dict(critic.state_dict())
     actor_optimizer = torch.optim.Adam(actor.parameters(), lr=args.learning_rate)
     critic_optimizer = torch.optim.Adam(critic.parameters(), lr=args.learning_rate)
