@@ -1,0 +1,677 @@
+"""NF-UGS: reward-free exploration that commands the goals a normalizing flow finds least likely.
+
+"Normalizing Flows are Capable Models for RL" (Ghugare & Eysenbach, 2025), unsupervised goal sampling. One
+flow models the discounted occupancy p(g | s, a) of the agent's own x-y position g, trained by NLL on future
+states of its replay buffer (geometric offset, goal noise). With probability 0.1 the (s, a) condition is
+replaced by zeros, so the same flow also learns the marginal density p(g) of the states reached so far.
+Every few steps each environment draws candidate goals from the buffer and commands the one with the lowest
+marginal density: the frontier. A tanh-Gaussian SAC actor pi(a | s, g) maximises log p(g | s, a) - alpha *
+log pi(a | s, g) on hindsight goals, alpha tuned toward a target entropy. No reward is ever used; the five
+evaluation tasks of the maze are only used to measure success. `--goal-strategy uniform` commands a random
+buffer state instead, `oracle` the evaluation goals; `--density gaussian` swaps the flow for a conditional
+Gaussian (its marginal is then one Gaussian over the reached states).
+
+    python nf_goal_explore.py --env-id pointmaze-medium-v0
+
+A run writes {output_dir}/{env_id}__{exp_name}__{seed}__{unixtime}/: args.json, TensorBoard events (with the
+heat map as an image), eval.csv (success overall and per task, coverage), heatmaps/ (a PNG per evaluation:
+the maze, where the agent has been and the goals it was recently sent to), checkpoints/ (networks, optimisers,
+replay buffer, visit counts, RNG states) and videos/.
+"""
+
+import csv
+import dataclasses
+import difflib
+import glob
+import json
+import math
+import os
+import time
+from dataclasses import dataclass
+from typing import Dict, Literal, Optional
+
+import gymnasium
+import numpy as np
+import ogbench  # noqa: F401  (registers the OGBench environments)
+import torch
+import tyro
+from torch import nn
+from torch.utils.tensorboard import SummaryWriter
+from tqdm import tqdm
+
+from flow import ConditionalFlow
+
+
+@dataclass
+class Args:
+    # experiment
+    exp_name: str = os.path.basename(__file__)[: -len(".py")]
+    """name of this experiment (part of the run directory)"""
+    seed: int = 1
+    """seed of the run (environments, initialisation, training noise)"""
+    cuda: bool = True
+    """use CUDA when it is available"""
+    track: bool = False
+    """log to Weights & Biases"""
+    wandb_project_name: str = "nf-rl"
+    """wandb project"""
+    wandb_entity: Optional[str] = None
+    """wandb entity (team)"""
+    capture_video: bool = False
+    """save a video of the first evaluation episode"""
+    output_dir: str = "runs"
+    """where run directories are created"""
+    resume: Optional[str] = None
+    """run directory or checkpoint file to continue from (its saved arguments are used)"""
+
+    # environment
+    env_id: str = "pointmaze-medium-v0"
+    """an OGBench maze used online, no dataset: pointmaze-/antmaze- medium-/large-/giant-v0"""
+    num_envs: int = 4
+    """parallel environments (a gymnasium vector env); every episode starts in the first evaluation task's start cell"""
+    max_episode_steps: Optional[int] = None
+    """length of a training episode (default: the environment's, 1000)"""
+
+    # exploration
+    goal_strategy: Literal["min-density", "uniform", "oracle"] = "min-density"
+    """which goal each environment is sent to: the lowest marginal density among candidates from the buffer,
+    a random buffer state, or one of the evaluation goals (an oracle baseline)"""
+    num_candidates: int = 1024
+    """buffer states each environment scores when it picks a goal"""
+    goal_hold_steps: int = 100
+    """environment steps a commanded goal is held before the next one is picked (also picked at each reset)"""
+
+    # density model: the critic
+    density: Literal["flow", "gaussian"] = "flow"
+    """the model of p(g | s, a): the paper's flow or a conditional diagonal Gaussian with the same encoder"""
+    num_blocks: int = 6
+    """flow blocks"""
+    hidden_dim: int = 256
+    """width of the flow's coupling networks"""
+    rep_dim: int = 64
+    """size of the (state, action) encoding that conditions the density"""
+    encoder_dim: int = 1024
+    """width of the 4-layer (state, action) encoder (paper: 1024)"""
+    condition_drop: float = 0.1
+    """probability of replacing the condition by zeros in training, so the model also learns the marginal p(g)"""
+    goal_noise: float = 0.05
+    """std of the Gaussian noise added to training goals (x-y units of the maze)"""
+    discount: float = 0.99
+    """the goal is the state k >= 1 steps later in the same episode, P(k) proportional to discount^k"""
+    learning_rate: float = 1e-4
+    """AdamW learning rate of the density model"""
+    weight_decay: float = 1e-6
+    """AdamW weight decay of the density model"""
+
+    # actor
+    actor_dim: int = 1024
+    """width of the actor's 4 hidden layers (paper: 1024)"""
+    actor_learning_rate: float = 3e-4
+    """Adam learning rate of the actor and of the temperature"""
+    target_entropy: Optional[float] = None
+    """the entropy the temperature is tuned toward (default: -action_dim / 2, as the paper)"""
+
+    # budget
+    total_env_steps: int = 1_000_000
+    """environment steps, all environments together"""
+    learning_starts: int = 10_000
+    """environment steps before the first gradient step"""
+    updates_per_step: int = 1
+    """gradient steps (density, actor, temperature) per vector step of num_envs environment steps"""
+    batch_size: int = 256
+    """batch size"""
+    buffer_size: int = 1_000_000
+    """replay buffer capacity in transitions (whole episodes; the oldest are overwritten)"""
+
+    # logging and evaluation
+    log_interval: int = 10_000
+    """environment steps between training logs"""
+    eval_interval: int = 50_000
+    """environment steps between evaluations and heat maps (also at 0 and at the end)"""
+    eval_episodes: int = 10
+    """evaluation episodes per task (5 tasks), run as one batch"""
+    eval_max_steps: Optional[int] = None
+    """cap on evaluation episode length (default: the environment's; lower only for quick checks)"""
+    save_interval: int = 100_000
+    """environment steps between checkpoints (also at the end); a checkpoint at an episode boundary (a multiple of
+    num_envs x episode length) resumes exactly, one inside an episode starts new episodes"""
+    recent_goals: int = 200
+    """commanded goals drawn on the heat map (the most recent)"""
+
+
+# ------------------------------------------------------------------------------------------------ data
+
+
+class TrajectoryBuffer:
+    """Whole episodes, one row each: observations [E, L + 1, obs_dim] and actions [E, L, action_dim]. The
+    num_envs episodes that run together fill num_envs rows; the oldest rows are overwritten."""
+
+    def __init__(self, capacity: int, length: int, obs_dim: int, action_dim: int, num_envs: int):
+        rows = capacity // length
+        if rows < 2 * num_envs:
+            raise SystemExit(f"--buffer-size {capacity} holds {rows} episodes of {length} steps; it needs at least "
+                             f"2 x num_envs = {2 * num_envs} (raise --buffer-size to {2 * num_envs * length})")  # fmt: skip
+        self.observations = np.zeros((rows, length + 1, obs_dim), np.float32)
+        self.actions = np.zeros((rows, length, action_dim), np.float32)
+        self.lengths = np.zeros(rows, np.int64)  # transitions stored in each row
+        self.episodes = 0  # episodes started so far; row = episode index mod rows
+        self.rows = np.arange(num_envs)
+
+    def start_episodes(self, obs: np.ndarray):
+        self.rows = (self.episodes + np.arange(len(obs))) % len(self.lengths)
+        self.episodes += len(obs)
+        self.lengths[self.rows] = 0
+        self.observations[self.rows, 0] = obs
+
+    def add(self, actions: np.ndarray, next_obs: np.ndarray):
+        t = self.lengths[self.rows]
+        self.actions[self.rows, t] = actions
+        self.observations[self.rows, t + 1] = next_obs
+        self.lengths[self.rows] += 1
+
+    def sample(self, batch_size: int, discount: float, rng: np.random.Generator) -> Dict[str, np.ndarray]:
+        """(s_t, a_t, g = x-y of s_{t+k}) with t uniform over stored transitions and k in 1..(steps left in the
+        episode), P(k) proportional to discount^k: the discounted occupancy of future states."""
+        rows = rng.choice(len(self.lengths), size=batch_size, p=self.lengths / self.lengths.sum())
+        t = (rng.random(batch_size) * self.lengths[rows]).astype(np.int64)
+        left = self.lengths[rows] - t  # future observations t+1 .. length
+        u = rng.random(batch_size)  # inverse CDF of the geometric truncated to 1..left
+        k = 1 + np.floor(np.log1p(-u * (1 - discount**left)) / math.log(discount)).astype(np.int64)
+        k = np.clip(k, 1, left)
+        return {"observations": self.observations[rows, t], "actions": self.actions[rows, t],
+                "goals": self.observations[rows, t + k, :2]}  # fmt: skip
+
+    def sample_states(self, n: int, rng: np.random.Generator) -> np.ndarray:
+        """x-y of n stored observations, uniformly."""
+        started = np.arange(len(self.lengths)) < self.episodes  # rows that hold at least a first observation
+        counts = np.where(started, self.lengths + 1, 0)
+        rows = rng.choice(len(counts), size=n, p=counts / counts.sum())
+        t = (rng.random(n) * counts[rows]).astype(np.int64)
+        return self.observations[rows, t, :2]
+
+    def state_dict(self) -> Dict[str, torch.Tensor]:
+        used = slice(0, min(self.episodes, len(self.lengths)))
+        return {"observations": torch.from_numpy(self.observations[used].copy()), "actions": torch.from_numpy(self.actions[used].copy()),
+                "lengths": torch.from_numpy(self.lengths[used].copy()), "episodes": self.episodes}  # fmt: skip
+
+    def load_state_dict(self, state: Dict[str, torch.Tensor]):
+        n = len(state["lengths"])
+        self.observations[:n], self.actions[:n], self.lengths[:n] = state["observations"], state["actions"], state["lengths"]
+        self.episodes = int(state["episodes"])
+        self.rows = (self.episodes - len(self.rows) + np.arange(len(self.rows))) % len(self.lengths)  # the latest episodes
+
+
+def select_goals(strategy: str, candidates: np.ndarray, log_density, oracle_goals: np.ndarray, rng: np.random.Generator) -> np.ndarray:
+    """One goal per environment from candidates [N, C, 2]: the lowest log_density ([M, 2] -> [M]), the first
+    (candidates are already uniform draws), or a random evaluation goal."""
+    n = len(candidates)
+    if strategy == "min-density":
+        scores = np.asarray(log_density(candidates.reshape(-1, 2))).reshape(n, -1)
+        return candidates[np.arange(n), scores.argmin(1)]
+    if strategy == "uniform":
+        return candidates[:, 0]
+    return oracle_goals[rng.integers(len(oracle_goals), size=n)]
+
+
+# ------------------------------------------------------------------------------ environment and evaluation
+
+
+def make_maze(env_id: str, **kwargs):
+    """An OGBench maze env; a clear error when the name is not one."""
+    mazes = [k for k in gymnasium.registry if len(k.split("-")) == 3 and k.split("-")[0] in ("pointmaze", "antmaze")]
+    if env_id not in mazes:
+        close = difflib.get_close_matches(env_id, mazes, n=3, cutoff=0.5)
+        raise SystemExit(f"unknown maze {env_id!r}: nf_goal_explore.py runs OGBench's point and ant mazes online "
+                         f"({', '.join(sorted(mazes))})" + (f"; did you mean {' or '.join(close)}?" if close else ""))  # fmt: skip
+    return gymnasium.make(env_id, **kwargs)
+
+
+class MazeGeometry:
+    """Cells, free cells and the x-y <-> cell maps of an OGBench maze, read from its unwrapped env."""
+
+    def __init__(self, env, bins_per_cell: int = 8):
+        u = env.unwrapped
+        self.map = np.asarray(u.maze_map)
+        self.unit, self.offset = float(u._maze_unit), np.array([u._offset_x, u._offset_y], np.float64)
+        self.bins = bins_per_cell
+        h, w = self.map.shape
+        self.low = -self.offset - self.unit / 2  # x-y of the map's lower-left corner
+        self.high = self.low + self.unit * np.array([w, h])
+        self.center, self.half = (self.low + self.high) / 2, (self.high - self.low) / 2
+        self.task_starts = np.array([u.ij_to_xy(t["init_ij"]) for t in u.task_infos])
+        self.task_goals = np.array([u.ij_to_xy(t["goal_ij"]) for t in u.task_infos])
+        self.start_ij = tuple(u.task_infos[0]["init_ij"])
+
+    def cells(self, xy: np.ndarray) -> np.ndarray:
+        """[..., 2] x-y -> [..., 2] (i, j) cell indices (clipped to the map)."""
+        ij = np.floor((xy[..., ::-1] - self.low[::-1]) / self.unit).astype(np.int64)
+        return np.clip(ij, 0, np.array(self.map.shape) - 1)
+
+    def fine_bins(self, xy: np.ndarray) -> np.ndarray:
+        b = np.floor((xy[..., ::-1] - self.low[::-1]) / self.unit * self.bins).astype(np.int64)
+        return np.clip(b, 0, np.array(self.map.shape) * self.bins - 1)
+
+
+def draw_heatmap(path: str, geometry: MazeGeometry, heat: np.ndarray, recent_goals: np.ndarray, title: str):
+    """The maze (walls dark), log visit counts, recently commanded goals (x) and the evaluation goals (stars)."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    extent = [geometry.low[0], geometry.high[0], geometry.low[1], geometry.high[1]]
+    fig, ax = plt.subplots(figsize=(5, 5 * geometry.map.shape[0] / geometry.map.shape[1] + 0.4), dpi=100)
+    ax.imshow(np.where(geometry.map == 1, 1.0, np.nan), origin="lower", extent=extent, cmap="Greys", vmin=0, vmax=1.2)
+    visits = np.where(heat > 0, np.log1p(heat), np.nan)
+    image = ax.imshow(visits, origin="lower", extent=extent, cmap="viridis", interpolation="nearest")
+    fig.colorbar(image, ax=ax, fraction=0.046, pad=0.04, label="log(1 + visits)")
+    if len(recent_goals):
+        ax.scatter(recent_goals[:, 0], recent_goals[:, 1], marker="x", s=14, c="red", linewidths=1, label="commanded goals")
+    ax.scatter(geometry.task_goals[:, 0], geometry.task_goals[:, 1], marker="*", s=160, c="orange", edgecolors="k", label="evaluation goals")
+    start = geometry.task_starts[0]
+    ax.scatter([start[0]], [start[1]], marker="o", s=80, c="white", edgecolors="k", label="start")
+    ax.set_xlim(extent[:2])
+    ax.set_ylim(extent[2:])
+    ax.set_xticks([])
+    ax.set_yticks([])
+    ax.set_title(title, fontsize=9)
+    ax.legend(loc="upper center", bbox_to_anchor=(0.5, -0.01), ncol=3, fontsize=7, frameon=False)
+    fig.tight_layout()
+    fig.savefig(path)
+    return fig
+
+
+@torch.no_grad()
+def evaluate(actor, envs, geometry: MazeGeometry, args: Args, device, step: int, video_dir: Optional[str]) -> Dict[str, float]:
+    """Success on each of the maze's 5 tasks, args.eval_episodes episodes each, deterministic actions (tanh of
+    the mean) toward the task's goal; all episodes run in lockstep with fixed evaluation seeds."""
+    actor.eval()
+    n, num_tasks = len(envs), len(geometry.task_goals)
+    obs, goals = [], []
+    for i, env in enumerate(envs):
+        np.random.seed(100_000 + i)  # OGBench draws start noise from NumPy's global generator
+        obs.append(env.reset(seed=100_000 + i, options=dict(task_id=i % num_tasks + 1))[0])
+        goals.append(np.asarray(env.unwrapped.cur_goal_xy))
+    obs, goals = np.array(obs, np.float32), torch.as_tensor(np.array(goals), dtype=torch.float32, device=device)
+    active, success, frames = np.ones(n, bool), np.zeros(n), []
+    for _ in range(args.eval_max_steps or 10**9):
+        if not active.any():
+            break
+        idx = np.flatnonzero(active)
+        actions = actor.act(torch.as_tensor(obs[idx], device=device), goals[idx]).cpu().numpy()
+        if video_dir is not None and active[0]:
+            frames.append(envs[0].render())
+        for a, i in zip(actions, idx):
+            ob, _, terminated, truncated, info = envs[i].step(a)
+            obs[i] = ob
+            success[i] = max(success[i], float(info["success"]))
+            if terminated or truncated:
+                active[i] = False
+    if video_dir is not None:
+        save_video(frames, os.path.join(video_dir, f"step{step}.mp4"))
+    actor.train()
+    per_task = success.reshape(-1, num_tasks).mean(0)  # episode i ran task i % num_tasks + 1
+    return {"success": float(success.mean()), **{f"task{t + 1}": float(s) for t, s in enumerate(per_task)}}
+
+
+def save_video(frames, path: str):
+    import imageio.v2 as imageio
+
+    try:
+        imageio.mimsave(path, frames, fps=30)
+    except Exception:  # no ffmpeg backend: fall back to a GIF
+        imageio.mimsave(path[:-4] + ".gif", frames, duration=1 / 30)
+
+
+# ---------------------------------------------------------------------------------------------- networks
+
+
+def mlp(sizes, activation, layer_norm: bool) -> nn.Sequential:
+    layers = []
+    for i in range(len(sizes) - 2):
+        layers += [nn.Linear(sizes[i], sizes[i + 1]), activation()] + ([nn.LayerNorm(sizes[i + 1])] if layer_norm else [])
+    return nn.Sequential(*layers, nn.Linear(sizes[-2], sizes[-1]))
+
+
+class XYScaled(nn.Module):
+    """Holds the maze's x-y centre and half-extent as buffers: x-y coordinates (goals, and the first two
+    observation dims) enter the networks in [-1, 1], so a checkpoint works in the environment's units."""
+
+    def __init__(self, geometry: Optional[MazeGeometry] = None):
+        super().__init__()
+        self.register_buffer("xy_center", torch.zeros(2) if geometry is None else torch.tensor(geometry.center, dtype=torch.float32))
+        self.register_buffer("xy_half", torch.ones(2) if geometry is None else torch.tensor(geometry.half, dtype=torch.float32))
+
+    def scale_xy(self, xy):
+        return (xy - self.xy_center) / self.xy_half
+
+    def scale_obs(self, obs):
+        return torch.cat([self.scale_xy(obs[:, :2]), obs[:, 2:]], -1)
+
+
+class FlowDensity(XYScaled):
+    """log p(g | s, a): a flow over the 2-D goal conditioned on a (state, action) encoder; a zero condition
+    gives the marginal density of reached goals."""
+
+    def __init__(self, obs_dim: int, action_dim: int, args: Args, geometry: Optional[MazeGeometry] = None):
+        super().__init__(geometry)
+        self.encoder = mlp([obs_dim + action_dim] + [args.encoder_dim] * 4 + [args.rep_dim], nn.SiLU, layer_norm=True)
+        self.flow = ConditionalFlow(2, args.rep_dim, args.num_blocks, args.hidden_dim)
+
+    def condition(self, obs, actions):
+        return self.encoder(torch.cat([self.scale_obs(obs), actions], -1))
+
+    def log_prob(self, goals, cond):
+        return self.flow.log_prob(self.scale_xy(goals), cond)
+
+
+class GaussianDensity(XYScaled):
+    """The same encoder, then a linear head to the mean and log-std (clamped to [-5, 2]) of a diagonal
+    Gaussian over the goal; a zero condition leaves the head's bias: one Gaussian over reached goals."""
+
+    def __init__(self, obs_dim: int, action_dim: int, args: Args, geometry: Optional[MazeGeometry] = None):
+        super().__init__(geometry)
+        self.encoder = mlp([obs_dim + action_dim] + [args.encoder_dim] * 4 + [args.rep_dim], nn.SiLU, layer_norm=True)
+        self.head = nn.Linear(args.rep_dim, 4)
+
+    def condition(self, obs, actions):
+        return self.encoder(torch.cat([self.scale_obs(obs), actions], -1))
+
+    def log_prob(self, goals, cond):
+        mean, log_std = self.head(cond).chunk(2, -1)
+        return torch.distributions.Normal(mean, log_std.clamp(-5, 2).exp()).log_prob(self.scale_xy(goals)).sum(-1)
+
+
+class Actor(XYScaled):
+    """pi(a | s, g): a tanh-Gaussian (4 hidden layers, SiLU, LayerNorm; log-std squashed into [-5, 2])."""
+
+    def __init__(self, obs_dim: int, action_dim: int, args: Args, geometry: Optional[MazeGeometry] = None):
+        super().__init__(geometry)
+        self.net = mlp([obs_dim + 2] + [args.actor_dim] * 4 + [2 * action_dim], nn.SiLU, layer_norm=True)
+
+    def forward(self, obs, goals):
+        mean, log_std = self.net(torch.cat([self.scale_obs(obs), self.scale_xy(goals)], -1)).chunk(2, -1)
+        return mean, -5 + 3.5 * (torch.tanh(log_std) + 1)
+
+    def sample(self, obs, goals):
+        """Reparameterised actions in (-1, 1) and their log-density (with the tanh correction)."""
+        mean, log_std = self(obs, goals)
+        u = mean + log_std.exp() * torch.randn_like(mean)
+        actions = torch.tanh(u)
+        log_prob = torch.distributions.Normal(mean, log_std.exp()).log_prob(u) - torch.log(1 - actions.square() + 1e-6)
+        return actions, log_prob.sum(-1)
+
+    def act(self, obs, goals):
+        return torch.tanh(self(obs, goals)[0])
+
+
+# ---------------------------------------------------------------------------------------------- training
+
+
+def find_checkpoint(path: str) -> str:
+    if os.path.isdir(path):
+        found = sorted(glob.glob(os.path.join(path, "checkpoints", "step_*.pt")), key=lambda p: int(p.rsplit("_", 1)[1][:-3]))
+        if not found:
+            raise SystemExit(f"--resume {path}: no checkpoints/step_*.pt in that run directory")
+        return found[-1]
+    if not os.path.isfile(path):
+        raise SystemExit(f"--resume {path}: no such run directory or checkpoint file")
+    return path
+
+
+def claim_run_dir(path: str) -> str:
+    """Create a new run directory; runs started in the same second with the same name get _2, _3, ..."""
+    for i in range(1, 10_000):
+        candidate = path if i == 1 else f"{path}_{i}"
+        try:
+            os.makedirs(candidate)
+            return candidate
+        except FileExistsError:
+            continue
+    raise SystemExit(f"{path}: could not create a new run directory")
+
+
+def check_args(args: Args):
+    problems = [f"--{name.replace('_', '-')} must be positive" for name in
+                ("num_envs", "num_candidates", "goal_hold_steps", "total_env_steps", "updates_per_step", "batch_size",
+                 "buffer_size", "log_interval", "eval_interval", "eval_episodes", "save_interval")
+                if getattr(args, name) <= 0]  # fmt: skip
+    if args.max_episode_steps is not None and args.max_episode_steps <= 0:
+        problems.append("--max-episode-steps must be positive")
+    if args.capture_video and not os.environ.get("DISPLAY") and os.environ.get("MUJOCO_GL") not in ("egl", "osmesa"):
+        problems.append("--capture-video without a display needs headless MuJoCo rendering chosen before Python "
+                        "starts: MUJOCO_GL=egl python nf_goal_explore.py ... (or MUJOCO_GL=osmesa)")  # fmt: skip
+    if not 0 < args.discount < 1:
+        problems.append("--discount must lie in (0, 1)")
+    if not 0 <= args.condition_drop < 1:
+        problems.append("--condition-drop must lie in [0, 1)")
+    if args.goal_noise < 0 or args.learning_starts < 0 or args.recent_goals < 0:
+        problems.append("--goal-noise, --learning-starts and --recent-goals must be >= 0")
+    if args.goal_strategy == "min-density" and args.condition_drop == 0:
+        problems.append("--goal-strategy min-density reads the marginal density, which is learnt only with --condition-drop > 0")
+    if problems:
+        raise SystemExit("; ".join(problems))
+
+
+def crossed(env_steps: int, num_envs: int, interval: int) -> bool:
+    """Did the last vector step (num_envs environment steps) cross a multiple of interval?"""
+    return env_steps // interval > (env_steps - num_envs) // interval
+
+
+def main(args: Args):
+    checkpoint = None
+    if args.resume is not None:
+        path = find_checkpoint(args.resume)
+        try:
+            checkpoint = torch.load(path, map_location="cpu", weights_only=True)
+        except Exception as err:
+            raise SystemExit(f"--resume {path}: not a readable checkpoint ({type(err).__name__}: {err})")
+        args = dataclasses.replace(Args(**checkpoint["args"]), resume=args.resume)
+        run_dir = os.path.dirname(os.path.dirname(path))
+    else:
+        run_dir = os.path.join(args.output_dir, f"{args.env_id}__{args.exp_name}__{args.seed}__{int(time.time())}")
+    check_args(args)
+    device = torch.device("cuda" if args.cuda and torch.cuda.is_available() else "cpu")
+    torch.manual_seed(args.seed)
+    rng = np.random.default_rng(args.seed)
+
+    # training envs never terminate at a goal: episodes are reward-free and last max_episode_steps
+    length = {} if args.max_episode_steps is None else dict(max_episode_steps=args.max_episode_steps)
+    probe = make_maze(args.env_id, terminate_at_goal=False, **length)
+    geometry, length = MazeGeometry(probe), probe.spec.max_episode_steps
+    envs = gymnasium.vector.SyncVectorEnv([lambda: make_maze(args.env_id, terminate_at_goal=False, max_episode_steps=length)
+                                           for _ in range(args.num_envs)])  # fmt: skip
+    render = dict(render_mode="rgb_array", width=200, height=200) if args.capture_video else {}
+    eval_envs = [make_maze(args.env_id, **render) for _ in range(5 * args.eval_episodes)]
+    obs_dim, action_dim = probe.observation_space.shape[0], probe.action_space.shape[0]
+    if not np.allclose(probe.action_space.low, -1) or not np.allclose(probe.action_space.high, 1):
+        raise SystemExit(f"{args.env_id}: the action space is {probe.action_space}; the tanh actor needs [-1, 1]")
+    start = dict(task_info=dict(init_ij=geometry.start_ij, goal_ij=geometry.start_ij))  # the goal is never used
+
+    actor = Actor(obs_dim, action_dim, args, geometry).to(device)
+    density = (FlowDensity if args.density == "flow" else GaussianDensity)(obs_dim, action_dim, args, geometry).to(device)
+    actor_optimizer = torch.optim.Adam(actor.parameters(), lr=args.actor_learning_rate)
+    density_optimizer = torch.optim.AdamW(density.parameters(), lr=args.learning_rate, weight_decay=args.weight_decay)
+    log_temperature = torch.zeros((), device=device, requires_grad=True)
+    temperature_optimizer = torch.optim.Adam([log_temperature], lr=args.actor_learning_rate)
+    target_entropy = -0.5 * action_dim if args.target_entropy is None else args.target_entropy
+    buffer = TrajectoryBuffer(args.buffer_size, length, obs_dim, action_dim, args.num_envs)
+    cell_visits = np.zeros(geometry.map.shape, np.int64)
+    heat = np.zeros(np.array(geometry.map.shape) * geometry.bins, np.int64)
+    recent_goals = np.zeros((0, 2))
+    env_steps = updates = 0
+    if checkpoint is not None:
+        for module, key in ((actor, "actor"), (density, "density"), (actor_optimizer, "actor_optimizer"),
+                            (density_optimizer, "density_optimizer"), (temperature_optimizer, "temperature_optimizer")):  # fmt: skip
+            module.load_state_dict(checkpoint[key])
+        with torch.no_grad():
+            log_temperature.copy_(checkpoint["log_temperature"])
+        buffer.load_state_dict(checkpoint["buffer"])
+        cell_visits, heat = checkpoint["cell_visits"].numpy(), checkpoint["heat"].numpy()
+        recent_goals = checkpoint["recent_goals"].numpy()
+        torch.set_rng_state(checkpoint["torch_rng"])
+        rng.bit_generator.state = json.loads(checkpoint["numpy_rng"])
+        env_steps, updates = checkpoint["env_steps"], checkpoint["updates"]
+        print(f"resumed {run_dir} at environment step {env_steps}")
+
+    if checkpoint is None:
+        run_dir = claim_run_dir(run_dir)
+    for sub in ("checkpoints", "heatmaps") + (("videos",) if args.capture_video else ()):
+        os.makedirs(os.path.join(run_dir, sub), exist_ok=True)
+    video_dir = os.path.join(run_dir, "videos") if args.capture_video else None
+    with open(os.path.join(run_dir, "args.json"), "w") as f:
+        json.dump(dataclasses.asdict(args), f, indent=2)
+    writer = SummaryWriter(run_dir, purge_step=env_steps or None)
+    if args.track:
+        import wandb
+
+        wandb.init(project=args.wandb_project_name, entity=args.wandb_entity, config=dataclasses.asdict(args),
+                   name=os.path.basename(run_dir), dir=run_dir, sync_tensorboard=True)  # fmt: skip
+    csv_path = os.path.join(run_dir, "eval.csv")
+    fields = ["env_steps", "updates", "wall_time", "success", "coverage"] + [f"task{t + 1}" for t in range(len(geometry.task_goals))]
+    kept = []  # on resume, the evaluations up to the checkpoint (later ones are redone, as purge_step does)
+    if env_steps and os.path.exists(csv_path):
+        with open(csv_path, newline="") as f:
+            kept = [row for row in list(csv.reader(f))[1:] if int(row[0]) <= env_steps]
+    with open(csv_path, "w", newline="") as f:
+        csv.writer(f).writerows([fields] + kept)
+    print(f"{args.density} density, {sum(p.numel() for p in density.parameters()):,} + {sum(p.numel() for p in actor.parameters()):,} "
+          f"actor parameters, {args.num_envs} x {args.env_id}, goals: {args.goal_strategy}, device {device}; writing to {run_dir}")  # fmt: skip
+
+    def coverage() -> float:
+        return float((cell_visits[geometry.map == 0] > 0).mean())
+
+    def run_evaluation():
+        stats = evaluate(actor, eval_envs, geometry, args, device, env_steps, video_dir)
+        stats["coverage"] = coverage()
+        with open(csv_path, "a", newline="") as f:
+            csv.writer(f).writerow([env_steps, updates, round(time.time() - start_time, 1)] + [stats[k] for k in fields[3:]])
+        for k, v in stats.items():
+            writer.add_scalar(f"eval/{k}", v, env_steps)
+        title = (f"{args.env_id}, {args.goal_strategy} goals, seed {args.seed}\n{env_steps:,} env steps: coverage "
+                 f"{stats['coverage']:.2f}, success {stats['success']:.2f}")  # fmt: skip
+        fig = draw_heatmap(os.path.join(run_dir, "heatmaps", f"env_step_{env_steps}.png"), geometry, heat, recent_goals, title)
+        writer.add_figure("explore/heatmap", fig, env_steps)  # closes the figure
+        print(f"env step {env_steps}: " + ", ".join(f"{k} {stats[k]:.3f}" for k in fields[3:]))
+
+    def save(goals, held, episode_step):
+        torch.save({"goals": torch.from_numpy(goals), "held": held, "episode_step": episode_step,"actor": actor.state_dict(), "density": density.state_dict(), "actor_optimizer": actor_optimizer.state_dict(),
+                    "density_optimizer": density_optimizer.state_dict(), "log_temperature": log_temperature.detach(),
+                    "temperature_optimizer": temperature_optimizer.state_dict(), "buffer": buffer.state_dict(),
+                    "cell_visits": torch.from_numpy(cell_visits), "heat": torch.from_numpy(heat),
+                    "recent_goals": torch.from_numpy(recent_goals), "env_steps": env_steps, "updates": updates,
+                    "args": dataclasses.asdict(args), "torch_rng": torch.get_rng_state(),
+                    "numpy_rng": json.dumps(rng.bit_generator.state)},
+                   os.path.join(run_dir, "checkpoints", f"step_{env_steps}.pt"))  # fmt: skip
+
+    @torch.no_grad()
+    def marginal_log_density(goals: np.ndarray) -> np.ndarray:
+        goals = torch.as_tensor(goals, dtype=torch.float32, device=device)
+        cond = torch.zeros(len(goals), args.rep_dim, device=device)  # the dropped condition: p(g)
+        return density.log_prob(goals, cond).cpu().numpy()
+
+    def pick_goals(obs) -> np.ndarray:
+        nonlocal recent_goals
+        candidates = buffer.sample_states(args.num_envs * args.num_candidates, rng).reshape(args.num_envs, args.num_candidates, 2)
+        goals = select_goals(args.goal_strategy, candidates, marginal_log_density, geometry.task_goals, rng)
+        recent_goals = np.concatenate([recent_goals, goals])[-args.recent_goals :] if args.recent_goals else recent_goals
+        return goals.astype(np.float32)
+
+    def update():
+        """One density (critic) step, one actor step and one temperature step on hindsight goals."""
+        batch = {k: torch.as_tensor(v, device=device) for k, v in buffer.sample(args.batch_size, args.discount, rng).items()}
+        cond = density.condition(batch["observations"], batch["actions"])
+        keep = (torch.rand(len(cond), 1, device=device) >= args.condition_drop).float()  # dropped -> zeros: p(g)
+        noisy_goals = batch["goals"] + args.goal_noise * torch.randn_like(batch["goals"])
+        density_loss = -density.log_prob(noisy_goals, cond * keep).mean()
+        density_optimizer.zero_grad(set_to_none=True)
+        density_loss.backward()
+        density_optimizer.step()
+
+        actions, log_prob = actor.sample(batch["observations"], batch["goals"])
+        density.requires_grad_(False)  # the actor's gradient flows through the density, not into its weights
+        log_occupancy = density.log_prob(batch["goals"], density.condition(batch["observations"], actions))
+        density.requires_grad_(True)
+        temperature = log_temperature.detach().exp()
+        actor_loss = (temperature * log_prob - log_occupancy).mean()
+        actor_optimizer.zero_grad(set_to_none=True)
+        actor_loss.backward()
+        actor_optimizer.step()
+
+        temperature_loss = -(log_temperature * (log_prob.detach() + target_entropy)).mean()
+        temperature_optimizer.zero_grad(set_to_none=True)
+        temperature_loss.backward()
+        temperature_optimizer.step()
+        return {"density_loss": density_loss, "actor_loss": actor_loss, "log_occupancy": log_occupancy.mean(),
+                "entropy": -log_prob.mean(), "temperature": temperature}  # fmt: skip
+
+    def reset_envs(episode_round: int, record: bool = True) -> np.ndarray:
+        """Start the round's episodes; the same round always starts from the same states."""
+        np.random.seed(args.seed * 1_000_003 + episode_round)  # OGBench draws start noise from NumPy's global generator
+        obs = envs.reset(seed=args.seed * 1_000_003 + episode_round, options=start)[0].astype(np.float32)
+        if record:
+            buffer.start_episodes(obs)
+        return obs
+
+    start_time = time.time()
+    if checkpoint is not None and checkpoint["episode_step"] == 0:  # saved right after a reset: redo it, exactly
+        obs = reset_envs(buffer.episodes // args.num_envs - 1, record=False)
+        goals, held, episode_step = checkpoint["goals"].numpy(), checkpoint["held"], 0
+    else:  # a fresh run, or a checkpoint inside an episode, whose env state is not saved: new episodes
+        obs = reset_envs(buffer.episodes // args.num_envs)
+        goals, held, episode_step = pick_goals(obs), 0, 0
+    if env_steps == 0:
+        run_evaluation()
+    first_bad = torch.tensor(-1, device=device)  # first update whose loss was non-finite, tracked without a host sync
+    losses, last_log_time, last_log_steps = None, time.time(), env_steps
+    total = args.total_env_steps
+    with tqdm(total=total, initial=env_steps, unit="env step", smoothing=0.05) as progress:
+        while env_steps < total:
+            with torch.no_grad():
+                actions, _ = actor.sample(torch.as_tensor(obs, device=device), torch.as_tensor(goals, device=device))
+            actions = actions.cpu().numpy()
+            next_obs, _, terminated, truncated, _ = envs.step(actions)
+            next_obs = next_obs.astype(np.float32)
+            buffer.add(actions, next_obs)
+            np.add.at(cell_visits, tuple(geometry.cells(next_obs[:, :2]).T), 1)
+            np.add.at(heat, tuple(geometry.fine_bins(next_obs[:, :2]).T), 1)
+            obs, env_steps, held, episode_step = next_obs, env_steps + args.num_envs, held + 1, episode_step + 1
+            progress.update(args.num_envs)
+            if (terminated | truncated).any():  # the envs run in lockstep: all episodes end together
+                obs = reset_envs(buffer.episodes // args.num_envs)
+                goals, held, episode_step = pick_goals(obs), 0, 0
+            elif held == args.goal_hold_steps:
+                goals, held = pick_goals(obs), 0
+
+            if env_steps >= args.learning_starts:
+                for _ in range(args.updates_per_step):
+                    losses = update()
+                    updates += 1
+                    bad = ~torch.isfinite(losses["density_loss"]) | ~torch.isfinite(losses["actor_loss"])
+                    first_bad = torch.where((first_bad < 0) & bad, updates, first_bad)
+            last = env_steps >= total
+            if any(crossed(env_steps, args.num_envs, n) for n in (args.log_interval, args.eval_interval, args.save_interval)) or last:
+                if first_bad.item() >= 0:  # before anything logs, evaluates or saves a broken agent
+                    raise SystemExit(f"non-finite training loss at gradient step {first_bad.item()} (before environment step "
+                                     f"{env_steps}); stopping (try a lower --learning-rate)")  # fmt: skip
+            if crossed(env_steps, args.num_envs, args.log_interval) or last:
+                speed = (env_steps - last_log_steps) / (time.time() - last_log_time)
+                last_log_time, last_log_steps = time.time(), env_steps
+                if losses is not None:
+                    for key, value in losses.items():
+                        writer.add_scalar(f"train/{key}", value.item(), env_steps)
+                writer.add_scalar("explore/coverage", coverage(), env_steps)
+                writer.add_scalar("perf/env_steps_per_second", speed, env_steps)
+            if crossed(env_steps, args.num_envs, args.eval_interval) or last:
+                run_evaluation()
+            if crossed(env_steps, args.num_envs, args.save_interval) or last:
+                save(goals, held, episode_step)
+    envs.close()
+    writer.close()
+    if args.track:
+        wandb.finish()
+    return run_dir, actor
+
+
+if __name__ == "__main__":
+    main(tyro.cli(Args))
