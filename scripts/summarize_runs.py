@@ -1,9 +1,11 @@
-"""Summarise eval.csv files of many runs: success (mean +- std over seeds) per environment and policy.
+"""Summarise eval.csv files of many runs: success (mean +- std over seeds) per environment, experiment and policy.
 
     python scripts/summarize_runs.py runs/gcbc
 
-Groups run directories by (env_id, policy) from their args.json and prints a Markdown table of overall
-success at every evaluated step, the last validation NLL and the wall time of the runs.
+Groups run directories by (env_id, exp_name, policy) from their args.json (nf_goal_explore.py runs by their
+goal strategy) and prints a Markdown table of overall success at every evaluation: by gradient step, online
+environment step or both, whichever the runs log. Where the runs log them it adds the validation NLL
+(BC scripts) and the coverage (exploration), and always the mean wall time.
 """
 
 import csv
@@ -24,21 +26,33 @@ def main(root: str):
         with open(os.path.join(run_dir, "eval.csv")) as f:
             rows = list(csv.DictReader(f))
         if rows:
-            groups[(args["env_id"], args.get("policy", "?"))].append(rows)
+            policy = args.get("policy", args.get("goal_strategy", "?"))
+            groups[(args["env_id"], args.get("exp_name", "?"), policy)].append(rows)
     if not groups:
         raise SystemExit(f"no runs with args.json and eval.csv under {root}")
-    print("| env | policy | seeds | step | success (mean +- std) | per seed | val NLL | wall time (min) |")
-    print("|---|---|---|---|---|---|---|---|")
-    for (env, policy), runs in sorted(groups.items()):
-        steps = sorted({int(r["step"]) for rows in runs for r in rows})
-        for step in steps:
-            at = [next(r for r in rows if int(r["step"]) == step) for rows in runs if any(int(r["step"]) == step for r in rows)]
+    columns = {c for runs in groups.values() for rows in runs for c in rows[0]}
+    at_keys = [k for k in ("step", "env_steps") if k in columns]  # where an evaluation sits
+    extras = [(k, name) for k, name in (("val_nll", "val NLL"), ("coverage", "coverage")) if k in columns]
+    print("| env | experiment | policy | seeds | " + " | ".join(k.replace("_", " ") for k in at_keys)
+          + " | success (mean +- std) | per seed | " + "".join(f"{name} | " for _, name in extras) + "wall time (min) |")  # fmt: skip
+    print("|---" * (7 + len(at_keys) + len(extras)) + "|")
+    for (env, exp, policy), runs in sorted(groups.items()):
+
+        def where(r):
+            return tuple(int(r.get(k) or 0) for k in at_keys)
+
+        for key in sorted({where(r) for rows in runs for r in rows}):
+            at = [next(r for r in rows if where(r) == key) for rows in runs if any(where(r) == key for r in rows)]
             success = [float(r["success"]) for r in at]
             spread = statistics.stdev(success) if len(success) > 1 else 0.0
-            nll = statistics.mean(float(r["val_nll"]) for r in at)
+            cells = []
+            for k, _ in extras:
+                values = [float(r[k]) for r in at if r.get(k) not in (None, "", "nan")]
+                cells.append(f"{statistics.mean(values):.2f}" if values else "-")
             wall = statistics.mean(float(r["wall_time"]) for r in at) / 60
-            per_seed = ", ".join(f"{s:.2f}" for s in success)
-            print(f"| {env} | {policy} | {len(at)} | {step:,} | {statistics.mean(success):.3f} +- {spread:.3f} | {per_seed} | {nll:.2f} | {wall:.1f} |")
+            print(f"| {env} | {exp} | {policy} | {len(at)} | " + " | ".join(f"{v:,}" for v in key)
+                  + f" | {statistics.mean(success):.3f} +- {spread:.3f} | {', '.join(f'{s:.2f}' for s in success)} | "
+                  + "".join(f"{c} | " for c in cells) + f"{wall:.1f} |")  # fmt: skip
 
 
 if __name__ == "__main__":
