@@ -19,6 +19,7 @@ NLL), checkpoints/ and videos/.
 
 import csv
 import dataclasses
+import datetime
 import difflib
 import glob
 import json
@@ -33,7 +34,9 @@ import numpy as np
 import ogbench
 import torch
 import tyro
+from torch import distributed as dist
 from torch import nn
+from torch.nn.parallel import DistributedDataParallel
 from torch.utils.tensorboard import SummaryWriter
 from tqdm import tqdm
 
@@ -394,6 +397,9 @@ class Policy(nn.Module):
     def to_env_units(self, actions):
         return self.action_low + (actions.clamp(-1, 1) + 1) / 2 * (self.action_high - self.action_low)
 
+    def forward(self, obs, actions):  # what a DistributedDataParallel wrapper calls
+        return self.log_prob(obs, actions)
+
 
 class FlowPolicy(Policy):
     """p(chunk | history): an encoder of the history (4 x 512, SiLU, LayerNorm) conditions a flow over the
@@ -466,6 +472,27 @@ def claim_run_dir(path: str) -> str:
     raise SystemExit(f"{path}: could not create a new run directory")
 
 
+def init_distributed(args: Args):
+    """(rank, world size, device). Under torchrun (which sets WORLD_SIZE, RANK, LOCAL_RANK) this joins the
+    process group: NCCL with one GPU per process, gloo on CPU. A plain run is a world of one."""
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    use_cuda = args.cuda and torch.cuda.is_available()
+    if world == 1:
+        return 0, 1, torch.device("cuda" if use_cuda else "cpu")
+    rank, local_rank = int(os.environ["RANK"]), int(os.environ.get("LOCAL_RANK", "0"))
+    if args.batch_size % world:  # said once, by rank 0; every process stops
+        raise SystemExit(1 if rank else f"--batch-size {args.batch_size} is the global batch and must divide evenly among the "
+                         f"{world} processes; use a multiple of {world}, e.g. --batch-size {max(world, args.batch_size // world * world)}")  # fmt: skip
+    if use_cuda and torch.cuda.device_count() < int(os.environ.get("LOCAL_WORLD_SIZE", "1")):
+        raise SystemExit(1 if rank else f"{os.environ.get('LOCAL_WORLD_SIZE')} processes per node but {torch.cuda.device_count()} "
+                         f"GPU(s): start at most one per GPU (torchrun --nproc-per-node), or add --no-cuda to train on CPU with gloo")  # fmt: skip
+    device = torch.device("cuda", local_rank) if use_cuda else torch.device("cpu")
+    if use_cuda:
+        torch.cuda.set_device(device)
+    dist.init_process_group("nccl" if use_cuda else "gloo", timeout=datetime.timedelta(hours=2))  # rank 0 evaluates meanwhile
+    return rank, world, device
+
+
 def check_args(args: Args):
     problems = [f"--{name.replace('_', '-')} must be positive" for name in
                 ("total_steps", "batch_size", "log_interval", "eval_interval", "eval_episodes", "save_interval",
@@ -484,6 +511,46 @@ def check_args(args: Args):
         raise SystemExit("; ".join(problems))
 
 
+def train_step(model, optimizer, scheduler, train, args: Args, rank: int, world: int, rng) -> torch.Tensor:
+    """One AdamW step on -log p(chunk + noise | history). Every process draws the same global batch and noise
+    from the run's seed and trains on its own share; DDP averages the gradients, so N processes take the same
+    steps as one process with the whole batch. Returns this process's loss."""
+    obs, actions = train.sample(args.batch_size, rng)
+    actions = actions + args.noise_std * torch.randn_like(actions)
+    share = slice(rank * args.batch_size // world, (rank + 1) * args.batch_size // world)
+    loss = -model(obs[share], actions[share]).mean()
+    optimizer.zero_grad(set_to_none=True)
+    loss.backward()
+    optimizer.step()
+    scheduler.step()
+    return loss
+
+
+def agree(first_bad_step: torch.Tensor, loss: torch.Tensor, world: int):
+    """At a log/eval/save step every process learns the earliest non-finite step of any process and the mean loss."""
+    if world > 1:
+        first_bad_step = first_bad_step.clone()
+        dist.all_reduce(first_bad_step, op=dist.ReduceOp.MAX)  # -1 where none was bad
+        loss = loss.detach().clone()
+        dist.all_reduce(loss)
+        loss = loss / world
+    return first_bad_step, loss
+
+
+def train_on_other_rank(model, optimizer, scheduler, train, args: Args, rank: int, world: int, start_step: int, rng):
+    """The training loop of a process other than rank 0: the same steps and checks, no evaluation, logs or files."""
+    first_bad_step = torch.tensor(-1, device=next(model.parameters()).device)
+    for step in range(start_step + 1, args.total_steps + 1):
+        loss = train_step(model, optimizer, scheduler, train, args, rank, world, rng)
+        first_bad_step = torch.where((first_bad_step < 0) & ~torch.isfinite(loss), step, first_bad_step)
+        if any(step % n == 0 for n in (args.log_interval, args.eval_interval, args.save_interval)) or step == args.total_steps:
+            first_bad_step, _ = agree(first_bad_step, loss, world)
+            if first_bad_step.item() >= 0:
+                raise SystemExit(f"non-finite training loss at step {first_bad_step.item()}; stopping")
+    dist.destroy_process_group()
+    return None, model.module
+
+
 def main(args: Args):
     checkpoint = None
     if args.resume is not None:
@@ -498,12 +565,13 @@ def main(args: Args):
         name = args.env_id.replace("/", "-")
         run_dir = os.path.join(args.output_dir, f"{name}__{args.exp_name}__{args.seed}__{int(time.time())}")
     check_args(args)
-    device = torch.device("cuda" if args.cuda and torch.cuda.is_available() else "cpu")
+    rank, world, device = init_distributed(args)
+    is_main = rank == 0  # the only process that evaluates, logs and saves
     torch.manual_seed(args.seed)
     rng = np.random.default_rng(args.seed)
 
     train_data, val_data, make_env, obs_space, score_fn = load_task(args)
-    envs = [make_env() for _ in range(args.eval_episodes)] if make_env is not None else []
+    envs = [make_env() for _ in range(args.eval_episodes if is_main else 1)] if make_env is not None else []
     if envs and obs_space is None:
         obs_space = envs[0].observation_space
     if envs and not isinstance(envs[0].action_space, gymnasium.spaces.Box):
@@ -537,10 +605,20 @@ def main(args: Args):
         torch.set_rng_state(checkpoint["torch_rng"])
         rng.bit_generator.state = json.loads(checkpoint["numpy_rng"])
         start_step = checkpoint["step"]
-        print(f"resumed {run_dir} at step {start_step}")
+        if is_main:
+            print(f"resumed {run_dir} at step {start_step}")
 
+    model = policy  # what the training step calls: the policy, or its DDP wrapper that averages gradients
+    if world > 1:
+        model = DistributedDataParallel(policy, device_ids=[device.index] if device.type == "cuda" else None,
+                                        broadcast_buffers=False)  # the buffers are constants
     if checkpoint is None:
-        run_dir = claim_run_dir(run_dir)
+        shared = [claim_run_dir(run_dir) if is_main else None]
+        if world > 1:
+            dist.broadcast_object_list(shared)
+        run_dir = shared[0]
+    if not is_main:
+        return train_on_other_rank(model, optimizer, scheduler, train, args, rank, world, start_step, rng)
     os.makedirs(os.path.join(run_dir, "checkpoints"), exist_ok=True)
     video_dir = os.path.join(run_dir, "videos") if args.capture_video and envs else None
     if video_dir:
@@ -563,7 +641,7 @@ def main(args: Args):
     with open(csv_path, "w", newline="") as f:
         csv.writer(f).writerows([fields] + kept)
     print(f"{args.policy} policy, {sum(p.numel() for p in policy.parameters()):,} parameters, {train.size:,} "
-          f"transitions, device {device}; writing to {run_dir}")  # fmt: skip
+          f"transitions, device {device}" + (f" x {world} processes" if world > 1 else "") + f"; writing to {run_dir}")  # fmt: skip
     if not envs:
         print("no environment to evaluate in (give --eval-env): evaluations report the validation NLL only")
     if val is None:
@@ -604,17 +682,12 @@ def main(args: Args):
     first_bad_step = torch.tensor(-1, device=device)  # first non-finite loss, tracked without a host sync
     last_log_time, last_log_step = time.time(), start_step
     for step in tqdm(range(start_step + 1, args.total_steps + 1), initial=start_step, total=args.total_steps, smoothing=0.05):
-        obs, actions = train.sample(args.batch_size, rng)
-        actions = actions + args.noise_std * torch.randn_like(actions)
-        loss = -policy.log_prob(obs, actions).mean()
-        optimizer.zero_grad(set_to_none=True)
-        loss.backward()
-        optimizer.step()
-        scheduler.step()
+        loss = train_step(model, optimizer, scheduler, train, args, rank, world, rng)
         first_bad_step = torch.where((first_bad_step < 0) & ~torch.isfinite(loss), step, first_bad_step)
 
         last = step == args.total_steps
         if any(step % n == 0 for n in (args.log_interval, args.eval_interval, args.save_interval)) or last:
+            first_bad_step, loss = agree(first_bad_step, loss, world)
             if first_bad_step.item() >= 0:  # before anything logs, evaluates or saves a broken policy
                 raise SystemExit(f"non-finite training loss at step {first_bad_step.item()}; stopping "
                                  f"(try a lower --learning-rate or a larger --noise-std)")  # fmt: skip
@@ -631,6 +704,8 @@ def main(args: Args):
     writer.close()
     if args.track:
         wandb.finish()
+    if world > 1:
+        dist.destroy_process_group()
     return run_dir, policy
 
 
