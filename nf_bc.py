@@ -52,6 +52,8 @@ class Args:
     """seed of the run (data order, initialisation, training noise)"""
     cuda: bool = True
     """use CUDA when it is available"""
+    compile: bool = False
+    """torch.compile the networks of the training step (the first steps are slow while it compiles)"""
     track: bool = False
     """log to Weights & Biases"""
     wandb_project_name: str = "nf-rl"
@@ -612,6 +614,8 @@ def main(args: Args):
     if world > 1:
         model = DistributedDataParallel(policy, device_ids=[device.index] if device.type == "cuda" else None,
                                         broadcast_buffers=False)  # the buffers are constants
+    if args.compile:  # the training step's model as one graph; evaluation stays eager
+        model = torch.compile(model)
     if checkpoint is None:
         shared = [claim_run_dir(run_dir) if is_main else None]
         if world > 1:

@@ -51,6 +51,8 @@ class Args:
     """seed of the run (environments, initialisation, training noise)"""
     cuda: bool = True
     """use CUDA when it is available"""
+    compile: bool = False
+    """torch.compile the networks of the training step (the first steps are slow while it compiles)"""
     track: bool = False
     """log to Weights & Biases"""
     wandb_project_name: str = "nf-rl"
@@ -490,6 +492,9 @@ def main(args: Args):
 
     actor = Actor(obs_dim, action_dim, args, geometry).to(device)
     density = (FlowDensity if args.density == "flow" else GaussianDensity)(obs_dim, action_dim, args, geometry).to(device)
+    if args.compile:  # in place: parameters and state_dict keys are unchanged
+        for module in (actor.net, density.encoder) + ((density.flow,) if args.density == "flow" else ()):
+            module.compile()
     actor_optimizer = torch.optim.Adam(actor.parameters(), lr=args.actor_learning_rate)
     density_optimizer = torch.optim.AdamW(density.parameters(), lr=args.learning_rate, weight_decay=args.weight_decay)
     log_temperature = torch.zeros((), device=device, requires_grad=True)

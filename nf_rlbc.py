@@ -47,6 +47,8 @@ class Args:
     """seed of the run (data order, initialisation, training noise)"""
     cuda: bool = True
     """use CUDA when it is available"""
+    compile: bool = False
+    """torch.compile the networks of the training step (the first steps are slow while it compiles)"""
     track: bool = False
     """log to Weights & Biases"""
     wandb_project_name: str = "nf-rl"
@@ -475,6 +477,9 @@ def main(args: Args):
     critic = Critic(obs_dim, action_dim, args.critic_dim).to(device)
     target_critic = Critic(obs_dim, action_dim, args.critic_dim).to(device).requires_grad_(False)
     target_critic.load_state_dict(critic.state_dict())
+    if args.compile:  # in place: parameters and state_dict keys are unchanged
+        for module in (critic, target_critic, actor.encoder) + ((actor.flow,) if args.policy == "flow" else ()):
+            module.compile()
     actor_optimizer = torch.optim.Adam(actor.parameters(), lr=args.learning_rate)
     critic_optimizer = torch.optim.Adam(critic.parameters(), lr=args.learning_rate)
     log_temperature = torch.tensor(math.log(args.initial_temperature), device=device, requires_grad=True)  # online
