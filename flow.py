@@ -52,11 +52,16 @@ class LULinear(nn.Module):
         """log|det W| summed over all blocks (a scalar: it does not depend on x)."""
         return self.log_abs_s.sum()
 
+    def train(self, mode: bool = True):
+        self._cache = {}  # every switch between train and eval mode drops the cached matrices
+        return super().train(mode)
+
     def matrices(self, inverse: bool) -> Tuple[Tensor, ...]:
-        """W (or W^-1 when `inverse`) of every block, T tensors [D, D]. Cached while gradients are off and the
-        parameters are unchanged, so evaluation never rebuilds or re-inverts them (torch.compile, which
-        would recompile on the cache, bypasses it)."""
-        use_cache = not torch.is_grad_enabled() and not torch.compiler.is_compiling()
+        """W (or W^-1 when `inverse`) of every block, T tensors [D, D]. Cached in eval mode with gradients off
+        while the parameters are unchanged, so evaluation never rebuilds or re-inverts them. Only in eval mode:
+        fused optimisers update parameters without bumping their version counters, so the cache is dropped
+        at train()/eval() too. torch.compile, which would recompile on the cache, bypasses it."""
+        use_cache = not self.training and not torch.is_grad_enabled() and not torch.compiler.is_compiling()
         if use_cache:
             key = tuple((p._version, p.data_ptr()) for p in (self.lower, self.upper, self.log_abs_s))
             if inverse in self._cache and self._cache[inverse][0] == key:

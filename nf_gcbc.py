@@ -404,7 +404,8 @@ def main(args: Args):
     envs = [ogbench.make_env_and_datasets(args.env_id, env_only=True, **render) for _ in range(args.eval_episodes if is_main else 0)]
 
     policy = (FlowPolicy if args.policy == "flow" else GaussianPolicy)(obs_dim, action_dim, args).to(device)
-    optimizer = torch.optim.AdamW(policy.parameters(), lr=args.learning_rate, weight_decay=args.weight_decay)
+    # fused: one kernel for all parameter tensors (on CPU ~5x faster than the default per-tensor loop)
+    optimizer = torch.optim.AdamW(policy.parameters(), lr=args.learning_rate, weight_decay=args.weight_decay, fused=True)
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: lr_factor(step, args))
     start_step = 0
     if checkpoint is not None:

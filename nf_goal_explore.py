@@ -495,10 +495,12 @@ def main(args: Args):
     if args.compile:  # in place: parameters and state_dict keys are unchanged
         for module in (actor.net, density.encoder) + ((density.flow,) if args.density == "flow" else ()):
             module.compile()
-    actor_optimizer = torch.optim.Adam(actor.parameters(), lr=args.actor_learning_rate)
-    density_optimizer = torch.optim.AdamW(density.parameters(), lr=args.learning_rate, weight_decay=args.weight_decay)
+    # fused: one kernel for all parameter tensors (on CPU ~5x faster than the default per-tensor loop)
+    actor_optimizer = torch.optim.Adam(actor.parameters(), lr=args.actor_learning_rate, fused=True)
+    density_optimizer = torch.optim.AdamW(density.parameters(), lr=args.learning_rate, weight_decay=args.weight_decay,
+                                          fused=True)  # fmt: skip
     log_temperature = torch.zeros((), device=device, requires_grad=True)
-    temperature_optimizer = torch.optim.Adam([log_temperature], lr=args.actor_learning_rate)
+    temperature_optimizer = torch.optim.Adam([log_temperature], lr=args.actor_learning_rate, fused=True)
     target_entropy = -0.5 * action_dim if args.target_entropy is None else args.target_entropy
     buffer = TrajectoryBuffer(args.buffer_size, length, obs_dim, action_dim, args.num_envs)
     cell_visits = np.zeros(geometry.map.shape, np.int64)

@@ -210,6 +210,25 @@ def test_cached_matrices_follow_parameter_updates():
         assert torch.allclose(flow.inverse(z, cond), other.inverse(z, cond), atol=1e-12)
 
 
+def test_cached_matrices_follow_fused_optimiser_steps_between_evaluations():
+    """The scripts' pattern: evaluate in eval mode, train in train mode with a fused AdamW (which updates the
+    parameters without bumping their version counters). Each evaluation must see the current parameters."""
+    flow = perturbed_flow(4, scale=0.05).float()
+    reference = perturbed_flow(4, scale=0.05).float()
+    cond, z = torch.randn(6, 4), torch.randn(6, 4)
+    opt = torch.optim.AdamW(flow.parameters(), lr=1e-2, fused=True)
+    for _ in range(3):
+        flow.eval()
+        with torch.no_grad():
+            x = flow.inverse(z, cond)
+            reference.load_state_dict(flow.state_dict())
+            torch.testing.assert_close(x, reference.inverse(z, cond), rtol=0, atol=0)
+        flow.train()
+        opt.zero_grad()
+        (-flow.log_prob(torch.randn(6, 4), cond).mean()).backward()
+        opt.step()
+
+
 def test_denoise_is_the_tweedie_step():
     """At initialisation p(x) = N(0, I), so grad log p = -x and the step is x (1 - sigma^2)."""
     flow = ConditionalFlow(3, 2).double()
