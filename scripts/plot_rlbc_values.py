@@ -9,6 +9,7 @@ gives the actor no direction there, and it falls back on its behaviour cloning t
 observation is the x-y position, so the state space is the picture.
 """
 
+import csv
 import os
 import sys
 from dataclasses import dataclass
@@ -68,6 +69,17 @@ def value_and_direction(actor, critic, xy: np.ndarray, samples: int):
     return q.numpy(), actions.view(len(xy), samples, -1).mean(1).numpy()
 
 
+def evaluated_success(run: str, step: int, env_steps: int) -> str:
+    """", success 0.68" from the run's eval.csv at that checkpoint, if it was evaluated there."""
+    path = os.path.join(run if os.path.isdir(run) else os.path.dirname(os.path.dirname(run)), "eval.csv")
+    if os.path.exists(path):
+        with open(path, newline="") as f:
+            for row in csv.DictReader(f):
+                if int(row["step"]) == step and int(row["env_steps"]) == env_steps:
+                    return f", success {float(row['success']):.2f}"
+    return ""
+
+
 def main(args: Args):
     fig, axes = plt.subplots(1, len(args.runs), figsize=(5.2 * len(args.runs), 5), squeeze=False)
     for ax, run in zip(axes[0], args.runs):
@@ -98,7 +110,8 @@ def main(args: Args):
         ax.set_xticks([])
         ax.set_yticks([])
         steps = f"{checkpoint['step']:,} steps" + (f" + {checkpoint['env_steps']:,} online env steps" if checkpoint["env_steps"] else "")
-        ax.set_title(f"{run_args.policy} actor, seed {run_args.seed}, {steps}\n{run_args.env_id}", fontsize=8)
+        success = evaluated_success(run, checkpoint["step"], checkpoint["env_steps"])
+        ax.set_title(f"{run_args.policy} actor, seed {run_args.seed}, {steps}{success}\n{run_args.env_id}", fontsize=8)
         ax.legend(loc="upper center", bbox_to_anchor=(0.5, -0.01), ncol=2, fontsize=7, frameon=False)
     fig.tight_layout()
     fig.savefig(args.out, dpi=110)
