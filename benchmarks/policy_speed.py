@@ -8,7 +8,7 @@ count (within 5%, checked):
 - ddpm-100 / ddim-10: Diffusion Policy's usual settings: an MLP noise predictor eps(x_t, t, obs) with a
   sinusoidal time embedding (4 hidden layers), 100 ancestral DDPM steps, or the same network with 10 DDIM steps;
 - fm-10: flow matching, the same network as a velocity field, 10 Euler steps.
-Measured: training steps per second (loss + backward + Adam, batch 256) and action latency at batch 1 and 256
+Measured: training steps per second (loss + backward + fused Adam, batch 256) and action latency at batch 1 and 256
 (no_grad; the flow+denoise row needs one gradient w.r.t. the action), medians over interleaved rounds after
 warm-up. CPU with the thread count printed, or CUDA (`--device cuda`, timed with CUDA events).
 
@@ -268,7 +268,7 @@ def main(args: Args):
 
     jobs = {}
     for name, policy in policies.items():
-        optimizer = torch.optim.Adam(policy.parameters(), lr=1e-4)
+        optimizer = torch.optim.Adam(policy.parameters(), lr=1e-4, fused=True)  # as the scripts
 
         def train(policy=policy, optimizer=optimizer):
             loss = policy.loss(obs, actions)
