@@ -451,14 +451,14 @@ def lr_factor(step: int, args: Args) -> float:
     return 0.5 * (1 + math.cos(math.pi * min(1.0, progress)))
 
 
-def find_checkpoint(path: str) -> str:
+def find_checkpoint(path: str, flag: str = "--resume") -> str:
     if os.path.isdir(path):
         found = sorted(glob.glob(os.path.join(path, "checkpoints", "step_*.pt")), key=lambda p: int(p.rsplit("_", 1)[1][:-3]))
         if not found:
-            raise SystemExit(f"--resume {path}: no checkpoints/step_*.pt in that run directory")
+            raise SystemExit(f"{flag} {path}: no checkpoints/step_*.pt in that run directory")
         return found[-1]
     if not os.path.isfile(path):
-        raise SystemExit(f"--resume {path}: no such run directory or checkpoint file")
+        raise SystemExit(f"{flag} {path}: no such run directory or checkpoint file")
     return path
 
 

@@ -61,6 +61,9 @@ class Args:
     """where run directories are created"""
     resume: Optional[str] = None
     """run directory or checkpoint file to continue from (its saved arguments are used)"""
+    finetune_from: Optional[str] = None
+    """a finished offline run (directory or checkpoint): a new run that starts the online phase from its actor and
+    critics, skipping the offline steps (give the same architecture flags; --total-steps is taken from it)"""
 
     # data
     source: Literal["ogbench", "minari"] = "ogbench"
@@ -107,6 +110,9 @@ class Args:
     """environment steps of online MaxEnt fine-tuning after the offline phase, one update per step (0: none)"""
     online_bc: Literal["anneal", "keep", "off"] = "anneal"
     """the BC term online: alpha decayed linearly to 0 over online_steps, kept at alpha, or dropped"""
+    online_ratio: float = 0.5
+    """online: the share of each batch drawn from the online transitions (RLPD's symmetric sampling; the offline
+    data would otherwise swamp them); 0: uniform over everything stored"""
     target_entropy: Optional[float] = None
     """online: the entropy the temperature is tuned toward (default: -action_dim)"""
     initial_temperature: float = 0.01
@@ -201,8 +207,8 @@ def load_minari(dataset_id: str):
 
 
 class ReplayBuffer:
-    """(s, a, r, mask, s') on `device`: the offline transitions, then room for `capacity` online ones; samples
-    uniformly from all that are stored."""
+    """(s, a, r, mask, s') on `device`: the offline transitions, then room for `capacity` online ones. A batch
+    takes `online_ratio` of its rows from the online part (once it has any), the rest from the offline part."""
 
     KEYS = ("observations", "actions", "rewards", "masks", "next_observations")
 
@@ -213,8 +219,14 @@ class ReplayBuffer:
             raise SystemExit(f"dataset: {', '.join(f'{k} {tuple(v.shape)}' for k, v in offline.items())} differ in length")
         self.data = {k: torch.cat([v, v.new_zeros((capacity,) + v.shape[1:])]) for k, v in offline.items()}
 
-    def sample(self, batch_size: int, rng: np.random.Generator) -> Dict[str, torch.Tensor]:
-        idx = torch.as_tensor(rng.integers(self.size, size=batch_size), device=self.data["rewards"].device)
+    def sample(self, batch_size: int, rng: np.random.Generator, online_ratio: float = 0.0) -> Dict[str, torch.Tensor]:
+        if online_ratio > 0 and self.size > self.offline_size:
+            num_online = round(batch_size * online_ratio)
+            idx = np.concatenate([rng.integers(self.offline_size, size=batch_size - num_online),
+                                  rng.integers(self.offline_size, self.size, size=num_online)])  # fmt: skip
+        else:
+            idx = rng.integers(self.size, size=batch_size)
+        idx = torch.as_tensor(idx, device=self.data["rewards"].device)
         return {k: v[idx] for k, v in self.data.items()}
 
     def add(self, **transition):
@@ -400,14 +412,14 @@ def td_target(actor, target_critic, batch: Dict[str, torch.Tensor], args: Args, 
 # ---------------------------------------------------------------------------------------------- training
 
 
-def find_checkpoint(path: str) -> str:
+def find_checkpoint(path: str, flag: str = "--resume") -> str:
     if os.path.isdir(path):
         found = sorted(glob.glob(os.path.join(path, "checkpoints", "step_*.pt")), key=lambda p: int(p.rsplit("_", 1)[1][:-3]))
         if not found:
-            raise SystemExit(f"--resume {path}: no checkpoints/step_*.pt in that run directory")
+            raise SystemExit(f"{flag} {path}: no checkpoints/step_*.pt in that run directory")
         return found[-1]
     if not os.path.isfile(path):
-        raise SystemExit(f"--resume {path}: no such run directory or checkpoint file")
+        raise SystemExit(f"{flag} {path}: no such run directory or checkpoint file")
     return path
 
 
@@ -439,12 +451,21 @@ def check_args(args: Args):
         problems.append("--alpha and --entropy-weight must be >= 0")
     if args.online_steps < 0 or args.initial_temperature <= 0:
         problems.append("--online-steps must be >= 0 and --initial-temperature > 0")
+    if not 0 <= args.online_ratio <= 1:
+        problems.append("--online-ratio must lie in [0, 1]")
+    if args.finetune_from is not None and args.online_steps == 0:
+        problems.append("--finetune-from starts an online phase: give it --online-steps N")
     if problems:
         raise SystemExit("; ".join(problems))
 
 
+ARCHITECTURE = ("source", "env_id", "policy", "num_blocks", "hidden_dim", "rep_dim", "encoder_dim", "critic_dim")
+
+
 def main(args: Args):
     checkpoint = None
+    if args.resume is not None and args.finetune_from is not None:
+        raise SystemExit("--resume continues a run with its own arguments; --finetune-from starts a new one: give one")
     if args.resume is not None:
         path = find_checkpoint(args.resume)
         try:
@@ -453,7 +474,20 @@ def main(args: Args):
             raise SystemExit(f"--resume {path}: not a readable checkpoint ({type(err).__name__}: {err})")
         args = dataclasses.replace(Args(**checkpoint["args"]), resume=args.resume)
         run_dir = os.path.dirname(os.path.dirname(path))
-    else:
+    elif args.finetune_from is not None:  # a new run: the offline run's networks, this command's online settings
+        path = find_checkpoint(args.finetune_from, "--finetune-from")
+        try:
+            checkpoint = torch.load(path, map_location="cpu", weights_only=True)
+        except Exception as err:
+            raise SystemExit(f"--finetune-from {path}: not a readable checkpoint ({type(err).__name__}: {err})")
+        if checkpoint["env_steps"] > 0:
+            raise SystemExit(f"--finetune-from {path}: that checkpoint is already online; continue it with --resume")
+        offline = checkpoint["args"]
+        differ = [f"--{k.replace('_', '-')} {offline[k]}" for k in ARCHITECTURE if offline[k] != getattr(args, k)]
+        if differ:
+            raise SystemExit(f"--finetune-from {path} was trained with {' '.join(differ)}; pass the same")
+        args = dataclasses.replace(args, total_steps=checkpoint["step"])
+    if args.resume is None:
         name = args.env_id.replace("/", "-")
         run_dir = os.path.join(args.output_dir, f"{name}__{args.exp_name}__{args.seed}__{int(time.time())}")
     check_args(args)
@@ -487,7 +521,16 @@ def main(args: Args):
     temperature_optimizer = torch.optim.Adam([log_temperature], lr=args.learning_rate, fused=True)
     target_entropy = -float(action_dim) if args.target_entropy is None else args.target_entropy
     start_step = start_env_step = 0
-    if checkpoint is not None:
+    if checkpoint is not None and args.resume is None:  # --finetune-from: the networks and their optimisers only
+        for module, key in ((actor, "actor"), (critic, "critic"), (target_critic, "target_critic"),
+                            (actor_optimizer, "actor_optimizer"), (critic_optimizer, "critic_optimizer")):  # fmt: skip
+            module.load_state_dict(checkpoint[key])
+        for optimizer in (actor_optimizer, critic_optimizer):  # this command's learning rate, not the saved one
+            for group in optimizer.param_groups:
+                group["lr"] = args.learning_rate
+        start_step = args.total_steps
+        print(f"fine-tuning {path} (offline step {start_step}) online")
+    elif checkpoint is not None:
         for module, key in ((actor, "actor"), (critic, "critic"), (target_critic, "target_critic"),
                             (actor_optimizer, "actor_optimizer"), (critic_optimizer, "critic_optimizer"),
                             (temperature_optimizer, "temperature_optimizer")):  # fmt: skip
@@ -502,7 +545,7 @@ def main(args: Args):
         start_step, start_env_step = checkpoint["step"], checkpoint["env_steps"]
         print(f"resumed {run_dir} at step {start_step}, {start_env_step} online env steps")
 
-    if checkpoint is None:
+    if args.resume is None:
         run_dir = claim_run_dir(run_dir)
     os.makedirs(os.path.join(run_dir, "checkpoints"), exist_ok=True)
     video_dir = os.path.join(run_dir, "videos") if args.capture_video else None
@@ -547,9 +590,9 @@ def main(args: Args):
                     "numpy_rng": json.dumps(rng.bit_generator.state)},
                    os.path.join(run_dir, "checkpoints", f"step_{step + env_steps}.pt"))  # fmt: skip
 
-    def update(bc_weight, target_temperature, entropy_weight):
+    def update(bc_weight, target_temperature, entropy_weight, online_ratio=0.0):
         """One critic and one actor step on a batch from the replay buffer; returns the losses for logging."""
-        batch = replay.sample(args.batch_size, rng)
+        batch = replay.sample(args.batch_size, rng, online_ratio)
         q = critic(batch["observations"], batch["actions"])
         critic_loss = (q - td_target(actor, target_critic, batch, args, target_temperature)).square().mean()
         critic_optimizer.zero_grad(set_to_none=True)
@@ -579,8 +622,8 @@ def main(args: Args):
             raise SystemExit(f"non-finite training loss at {phase} step {first_bad.item()}; stopping (try a lower --learning-rate)")
 
     start_time = time.time()
-    if start_step == 0:
-        run_evaluation(0, 0)
+    if start_step == 0 or (args.finetune_from is not None and start_env_step == 0):
+        run_evaluation(start_step, 0)  # the start of the run, or of a --finetune-from run's online phase
     first_bad_step = torch.tensor(-1, device=device)  # first non-finite loss, tracked without a host sync
     last_log_time, last_log_step = time.time(), start_step
     for step in tqdm(range(start_step + 1, args.total_steps + 1), initial=start_step, total=args.total_steps, smoothing=0.05):
@@ -624,7 +667,7 @@ def main(args: Args):
 
             bc_weight = {"anneal": args.alpha * (1 - env_step / args.online_steps), "keep": args.alpha, "off": 0.0}[args.online_bc]
             temperature = log_temperature.detach().exp()
-            losses = update(bc_weight, temperature, temperature)
+            losses = update(bc_weight, temperature, temperature, args.online_ratio)
             log_prob = losses["log_prob"].detach()  # of the batch the actor just trained on (as Stable-Baselines3)
             temperature_loss = -log_temperature * (log_prob + target_entropy)  # tune toward the target entropy
             temperature_optimizer.zero_grad(set_to_none=True)

@@ -149,3 +149,44 @@ def test_online_bc_weight_flags(tmp_path, pointmaze_dir):
         argv = source_args("ogbench", pointmaze_dir) + ["--output-dir", str(tmp_path / mode), "--online-steps", "2", "--online-bc", mode]
         run_dir, _ = run(argv + QUICK)
         assert int(rows(run_dir)[-1]["env_steps"]) == 2
+
+
+def test_online_batches_mix_offline_and_online_transitions_at_the_ratio():
+    offline = {k: np.zeros((100, 1), np.float32) for k in nf_rlbc.ReplayBuffer.KEYS}
+    replay = nf_rlbc.ReplayBuffer(offline, torch.device("cpu"), capacity=10)
+    rng = np.random.default_rng(0)
+    assert replay.sample(64, rng, online_ratio=0.5)["rewards"].shape == (64, 1)  # no online data yet: all offline
+    for _ in range(3):
+        replay.add(**{k: np.ones(1, np.float32) for k in nf_rlbc.ReplayBuffer.KEYS})
+    assert replay.sample(64, rng, online_ratio=0.25)["rewards"].sum() == 16  # a quarter from the 3 online rows
+    assert replay.sample(64, rng, online_ratio=1.0)["rewards"].sum() == 64
+    assert replay.sample(1000, rng)["rewards"].sum() < 100  # ratio 0: uniform over 103 rows
+
+
+def test_finetune_from_starts_online_from_an_offline_run(tmp_path, pointmaze_dir):
+    data = source_args("ogbench", pointmaze_dir)
+    offline_dir, _ = run(data + ["--output-dir", str(tmp_path / "offline")] + QUICK)
+    offline = torch.load(f"{offline_dir}/checkpoints/step_6.pt", weights_only=True)
+    online = ["--finetune-from", offline_dir, "--online-steps", "4", "--online-bc", "keep", "--learning-rate", "3e-4"]
+    run_dir, actor = run(data + ["--output-dir", str(tmp_path / "online")] + QUICK + online + ["--eval-interval", "2"])
+    # the offline phase is skipped; its end is evaluated again as the online phase's start
+    assert [(int(r["step"]), int(r["env_steps"])) for r in rows(run_dir)] == [(6, 0), (6, 2), (6, 4)]
+    checkpoint = torch.load(f"{run_dir}/checkpoints/step_10.pt", weights_only=True)
+    assert checkpoint["env_steps"] == 4 and checkpoint["args"]["total_steps"] == 6
+    assert checkpoint["actor_optimizer"]["param_groups"][0]["lr"] == 3e-4  # this command's, not the offline run's
+    assert checkpoint["actor_optimizer"]["state"][0]["step"] == offline["actor_optimizer"]["state"][0]["step"] + 4
+    # it resumes like any run
+    copy = str(tmp_path / "copy")
+    shutil.copytree(run_dir, copy)
+    run(["--resume", f"{copy}/checkpoints/step_9.pt"])
+    assert [(int(r["step"]), int(r["env_steps"])) for r in rows(copy)] == [(6, 0), (6, 2), (6, 4)]
+    for argv, message in [
+        (online + ["--encoder-dim", "64"], "was trained with --encoder-dim 512; pass the same"),
+        (["--finetune-from", offline_dir], "give it --online-steps"),
+        (["--finetune-from", str(tmp_path / "nowhere"), "--online-steps", "2"], "--finetune-from .*no such run"),
+        (["--finetune-from", run_dir, "--online-steps", "2"], "already online; continue it with --resume"),
+        (["--finetune-from", offline_dir, "--resume", run_dir, "--online-steps", "2"], "give one"),
+        (["--online-steps", "2", "--online-ratio", "1.5"], "--online-ratio must lie in"),
+    ]:
+        with pytest.raises(SystemExit, match=message):
+            run(data + ["--output-dir", str(tmp_path / "bad")] + QUICK + argv)
