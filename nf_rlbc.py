@@ -109,7 +109,7 @@ class Args:
     online_steps: int = 0
     """environment steps of online MaxEnt fine-tuning after the offline phase, one update per step (0: none)"""
     online_bc: Literal["anneal", "keep", "off"] = "anneal"
-    """the BC term online: alpha decayed linearly to 0 over online_steps, kept at alpha, or dropped"""
+    """the BC term online, on the dataset's rows of each batch: alpha decayed linearly to 0 over online_steps, kept, or dropped"""
     online_ratio: float = 0.5
     """online: the share of each batch drawn from the online transitions (RLPD's symmetric sampling; the offline
     data would otherwise swamp them); 0: uniform over everything stored"""
@@ -208,7 +208,8 @@ def load_minari(dataset_id: str):
 
 class ReplayBuffer:
     """(s, a, r, mask, s') on `device`: the offline transitions, then room for `capacity` online ones. A batch
-    takes `online_ratio` of its rows from the online part (once it has any), the rest from the offline part."""
+    takes `online_ratio` of its rows from the online part (once it has any), the rest from the offline part;
+    its `offline` column marks the dataset's rows."""
 
     KEYS = ("observations", "actions", "rewards", "masks", "next_observations")
 
@@ -227,7 +228,7 @@ class ReplayBuffer:
         else:
             idx = rng.integers(self.size, size=batch_size)
         idx = torch.as_tensor(idx, device=self.data["rewards"].device)
-        return {k: v[idx] for k, v in self.data.items()}
+        return dict({k: v[idx] for k, v in self.data.items()}, offline=(idx < self.offline_size).float())
 
     def add(self, **transition):
         for k, v in transition.items():
@@ -603,7 +604,9 @@ def main(args: Args):
         critic.requires_grad_(False)  # the actor's gradient flows through the critic, not into its weights
         q_pi = critic(batch["observations"], actions.clamp(-1, 1)).min(0).values  # reparameterised through the actor
         critic.requires_grad_(True)
-        bc_nll = -data_log_prob.mean()
+        # behaviour cloning on the dataset's rows only: cloning the agent's own online actions would anchor it to them
+        offline = batch["offline"]
+        bc_nll = -(data_log_prob * offline).sum() / offline.sum().clamp(min=1)
         actor_loss = -q_pi.mean() + bc_weight * bc_nll + entropy_weight * log_prob.mean()
         actor_optimizer.zero_grad(set_to_none=True)
         actor_loss.backward()

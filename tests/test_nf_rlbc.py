@@ -158,7 +158,8 @@ def test_online_batches_mix_offline_and_online_transitions_at_the_ratio():
     assert replay.sample(64, rng, online_ratio=0.5)["rewards"].shape == (64, 1)  # no online data yet: all offline
     for _ in range(3):
         replay.add(**{k: np.ones(1, np.float32) for k in nf_rlbc.ReplayBuffer.KEYS})
-    assert replay.sample(64, rng, online_ratio=0.25)["rewards"].sum() == 16  # a quarter from the 3 online rows
+    batch = replay.sample(64, rng, online_ratio=0.25)
+    assert batch["rewards"].sum() == 16 and batch["offline"].sum() == 48  # a quarter from the 3 online rows
     assert replay.sample(64, rng, online_ratio=1.0)["rewards"].sum() == 64
     assert replay.sample(1000, rng)["rewards"].sum() < 100  # ratio 0: uniform over 103 rows
 
