@@ -1,6 +1,7 @@
 """nf_goal_explore.py end to end through its CLI on pointmaze with a tiny budget, and its parts by hand."""
 
 import csv
+import importlib.util
 import os
 import shutil
 
@@ -18,6 +19,14 @@ QUICK = ["--num-envs", "2", "--max-episode-steps", "50", "--total-env-steps", "3
          "--encoder-dim", "32", "--actor-dim", "32", "--hidden-dim", "32", "--num-blocks", "2", "--rep-dim", "8",
          "--log-interval", "50", "--eval-interval", "100", "--save-interval", "100", "--eval-episodes", "1",
          "--eval-max-steps", "20", "--no-cuda"]  # fmt: skip
+
+
+def load_script(name):
+    path = os.path.join(os.path.dirname(nf_goal_explore.__file__), "scripts", f"{name}.py")
+    spec = importlib.util.spec_from_file_location(name, path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
 
 
 def run(argv):
@@ -42,6 +51,12 @@ def test_each_goal_strategy_explores_evaluates_and_draws(tmp_path, strategy, den
     for step in (0, 100, 200, 300):  # the picture of each evaluation
         with open(f"{run_dir}/heatmaps/env_step_{step}.png", "rb") as f:
             assert f.read(8) == b"\x89PNG\r\n\x1a\n"
+    if strategy == "min-density" and density == "flow":  # the README's montage of them
+        montage = load_script("montage_heatmaps")
+        montage.main(montage.Args(runs=[run_dir], env_steps=[0, 300], out=str(tmp_path / "montage.png")))
+        assert os.path.getsize(tmp_path / "montage.png") > 0
+        with pytest.raises(SystemExit, match="no such heat map"):
+            montage.main(montage.Args(runs=[run_dir], env_steps=[150], out=str(tmp_path / "none.png")))
     checkpoint = torch.load(f"{run_dir}/checkpoints/step_300.pt", weights_only=True)
     assert set(checkpoint) >= {"actor", "density", "actor_optimizer", "density_optimizer", "log_temperature", "buffer",
                                "cell_visits", "env_steps", "args"}  # fmt: skip
