@@ -539,20 +539,6 @@ def agree(first_bad_step: torch.Tensor, loss: torch.Tensor, world: int):
     return first_bad_step, loss
 
 
-def train_on_other_rank(model, optimizer, scheduler, train, args: Args, rank: int, world: int, start_step: int, rng):
-    """The training loop of a process other than rank 0: the same steps and checks, no evaluation, logs or files."""
-    first_bad_step = torch.tensor(-1, device=next(model.parameters()).device)
-    for step in range(start_step + 1, args.total_steps + 1):
-        loss = train_step(model, optimizer, scheduler, train, args, rank, world, rng)
-        first_bad_step = torch.where((first_bad_step < 0) & ~torch.isfinite(loss), step, first_bad_step)
-        if any(step % n == 0 for n in (args.log_interval, args.eval_interval, args.save_interval)) or step == args.total_steps:
-            first_bad_step, _ = agree(first_bad_step, loss, world)
-            if first_bad_step.item() >= 0:
-                raise SystemExit(f"non-finite training loss at step {first_bad_step.item()}; stopping")
-    dist.destroy_process_group()
-    return None, model.module
-
-
 def main(args: Args):
     checkpoint = None
     if args.resume is not None:
@@ -622,35 +608,35 @@ def main(args: Args):
         if world > 1:
             dist.broadcast_object_list(shared)
         run_dir = shared[0]
-    if not is_main:
-        return train_on_other_rank(model, optimizer, scheduler, train, args, rank, world, start_step, rng)
-    os.makedirs(os.path.join(run_dir, "checkpoints"), exist_ok=True)
-    video_dir = os.path.join(run_dir, "videos") if args.capture_video and envs else None
-    if video_dir:
-        os.makedirs(video_dir, exist_ok=True)
-    with open(os.path.join(run_dir, "args.json"), "w") as f:
-        json.dump(dataclasses.asdict(args), f, indent=2)
-    writer = SummaryWriter(run_dir, purge_step=start_step or None)
-    if args.track:
-        import wandb
+    if is_main:  # the only process that writes: run directory, logs, evaluations and checkpoints
+        os.makedirs(os.path.join(run_dir, "checkpoints"), exist_ok=True)
+        video_dir = os.path.join(run_dir, "videos") if args.capture_video and envs else None
+        if video_dir:
+            os.makedirs(video_dir, exist_ok=True)
+        with open(os.path.join(run_dir, "args.json"), "w") as f:
+            json.dump(dataclasses.asdict(args), f, indent=2)
+        writer = SummaryWriter(run_dir, purge_step=start_step or None)
+        if args.track:
+            import wandb
 
-        wandb.init(project=args.wandb_project_name, entity=args.wandb_entity, config=dataclasses.asdict(args),
-                   name=os.path.basename(run_dir), dir=run_dir, sync_tensorboard=True)  # fmt: skip
-    csv_path = os.path.join(run_dir, "eval.csv")
-    fields = ["step", "wall_time", "val_nll", "return", "success", "score"]
-    kept = []  # on resume, the evaluations up to the checkpoint (later ones are redone, as purge_step does)
-    if start_step and os.path.exists(csv_path):
-        with open(csv_path, newline="") as f:
-            kept = [row for row in csv.reader(f)][1:]
-        kept = [row for row in kept if int(row[0]) <= start_step]
-    with open(csv_path, "w", newline="") as f:
-        csv.writer(f).writerows([fields] + kept)
-    print(f"{args.policy} policy, {sum(p.numel() for p in policy.parameters()):,} parameters, {train.size:,} "
-          f"transitions, device {device}" + (f" x {world} processes" if world > 1 else "") + f"; writing to {run_dir}")  # fmt: skip
-    if not envs:
-        print("no environment to evaluate in (give --eval-env): evaluations report the validation NLL only")
-    if val is None:
-        print("no validation split (an -val.npz file, or 10+ Minari episodes): val_nll is nan")
+            wandb.init(project=args.wandb_project_name, entity=args.wandb_entity, config=dataclasses.asdict(args),
+                       name=os.path.basename(run_dir), dir=run_dir, sync_tensorboard=True)  # fmt: skip
+        csv_path = os.path.join(run_dir, "eval.csv")
+        fields = ["step", "wall_time", "val_nll", "return", "success", "score"]
+        kept = []  # on resume, the evaluations up to the checkpoint (later ones are redone, as purge_step does)
+        if start_step and os.path.exists(csv_path):
+            with open(csv_path, newline="") as f:
+                kept = [row for row in csv.reader(f)][1:]
+            kept = [row for row in kept if int(row[0]) <= start_step]
+        with open(csv_path, "w", newline="") as f:
+            csv.writer(f).writerows([fields] + kept)
+        print(f"{args.policy} policy, {sum(p.numel() for p in policy.parameters()):,} parameters, {train.size:,} "
+              f"transitions, device {device}" + (f" x {world} processes" if world > 1 else "") + f"; writing to {run_dir}")  # fmt: skip
+        if not envs:
+            print("no environment to evaluate in (give --eval-env): evaluations report the validation NLL only")
+        if val is None:
+            print("no validation split (an -val.npz file, or 10+ Minari episodes): val_nll is nan")
+
 
     if val is not None:  # one fixed validation batch
         val_obs, val_actions = val.sample(1_024, np.random.default_rng(0))
@@ -682,20 +668,23 @@ def main(args: Args):
                    os.path.join(run_dir, "checkpoints", f"step_{step}.pt"))  # fmt: skip
 
     start_time = time.time()
-    if start_step == 0:
+    if start_step == 0 and is_main:
         run_evaluation(0)
     first_bad_step = torch.tensor(-1, device=device)  # first non-finite loss, tracked without a host sync
     last_log_time, last_log_step = time.time(), start_step
-    for step in tqdm(range(start_step + 1, args.total_steps + 1), initial=start_step, total=args.total_steps, smoothing=0.05):
+    for step in tqdm(range(start_step + 1, args.total_steps + 1), initial=start_step, total=args.total_steps, smoothing=0.05,
+                     disable=not is_main):
         loss = train_step(model, optimizer, scheduler, train, args, rank, world, rng)
         first_bad_step = torch.where((first_bad_step < 0) & ~torch.isfinite(loss), step, first_bad_step)
 
         last = step == args.total_steps
         if any(step % n == 0 for n in (args.log_interval, args.eval_interval, args.save_interval)) or last:
             first_bad_step, loss = agree(first_bad_step, loss, world)
-            if first_bad_step.item() >= 0:  # before anything logs, evaluates or saves a broken policy
-                raise SystemExit(f"non-finite training loss at step {first_bad_step.item()}; stopping "
+            if first_bad_step.item() >= 0:  # before anything logs, evaluates or saves a broken policy; said by rank 0
+                raise SystemExit(1 if rank else f"non-finite training loss at step {first_bad_step.item()}; stopping "
                                  f"(try a lower --learning-rate or a larger --noise-std)")  # fmt: skip
+        if not is_main:
+            continue  # the other processes only train (their share of each batch)
         if step % args.log_interval == 0 or last:
             speed = (step - last_log_step) / (time.time() - last_log_time)
             last_log_time, last_log_step = time.time(), step
@@ -706,9 +695,10 @@ def main(args: Args):
             run_evaluation(step)
         if step % args.save_interval == 0 or last:
             save(step)
-    writer.close()
-    if args.track:
-        wandb.finish()
+    if is_main:
+        writer.close()
+        if args.track:
+            wandb.finish()
     if world > 1:
         dist.destroy_process_group()
     return run_dir, policy
