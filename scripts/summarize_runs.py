@@ -5,7 +5,7 @@
 Groups run directories by (env_id, exp_name, policy) from their args.json (nf_goal_explore.py runs by their
 goal strategy) and prints a Markdown table of overall success at every evaluation: by gradient step, online
 environment step or both, whichever the runs log. Where the runs log them it adds the validation NLL
-(BC scripts) and the coverage (exploration), and always the mean wall time.
+(BC scripts) and the coverage (exploration), as the mean and each seed's value, and always the mean wall time.
 """
 
 import csv
@@ -48,7 +48,8 @@ def main(root: str):
             cells = []
             for k, _ in extras:
                 values = [float(r[k]) for r in at if r.get(k) not in (None, "", "nan")]
-                cells.append(f"{statistics.mean(values):.2f}" if values else "-")
+                per_seed = f" ({', '.join(f'{v:.2f}' for v in values)})" if len(values) > 1 else ""
+                cells.append(f"{statistics.mean(values):.2f}{per_seed}" if values else "-")
             wall = statistics.mean(float(r["wall_time"]) for r in at) / 60
             print(f"| {env} | {exp} | {policy} | {len(at)} | " + " | ".join(f"{v:,}" for v in key)
                   + f" | {statistics.mean(success):.3f} +- {spread:.3f} | {', '.join(f'{s:.2f}' for s in success)} | "
