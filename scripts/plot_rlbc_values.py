@@ -10,6 +10,7 @@ observation is the x-y position, so the state space is the picture.
 """
 
 import csv
+import dataclasses
 import os
 import sys
 from dataclasses import dataclass
@@ -40,6 +41,8 @@ class Args:
     """actor samples per grid point"""
     resolution: float = 0.25
     """grid spacing of the value map, in maze units"""
+    points: List[str] = dataclasses.field(default_factory=list)
+    """x,y positions at which to print V(s) (e.g. 6.7,14.8); the start and its free neighbour cells always are"""
 
 
 def load(path: str, step: Optional[int]):
@@ -105,6 +108,17 @@ def main(args: Args):
         ax.quiver(arrows[:, 0], arrows[:, 1], direction[:, 0], direction[:, 1], color="white", scale=12, width=0.005)
         info = maze.cur_task_info
         start, goal = maze.ij_to_xy(info["init_ij"]), maze.ij_to_xy(info["goal_ij"])
+        (i, j), named = info["init_ij"], {"start": np.asarray(start)}
+        for name, (di, dj) in (("above", (1, 0)), ("below", (-1, 0)), ("right", (0, 1)), ("left", (0, -1))):
+            if grid[i + di, j + dj] == 0:  # as drawn (origin lower): row i + 1 is above row i
+                named[f"cell {name}"] = np.asarray(maze.ij_to_xy((i + di, j + dj)))
+        for point in args.points:
+            try:
+                named[point] = np.array([float(v) for v in point.split(",")], dtype=np.float64).reshape(2)
+            except ValueError:
+                raise SystemExit(f"--points {point}: expected x,y (two numbers, e.g. 6.7,14.8)")
+        at = value_and_direction(actor, critic, np.stack(list(named.values())), args.samples)[0]
+        print(f"{run}: " + ", ".join(f"V({name}) {v:.0f}" for name, v in zip(named, at)))
         ax.scatter([start[0]], [start[1]], marker="o", s=90, c="white", edgecolors="k", zorder=3, label="start")
         ax.scatter([goal[0]], [goal[1]], marker="*", s=220, c="orange", edgecolors="k", zorder=3, label="goal")
         ax.set_xticks([])
