@@ -1,7 +1,9 @@
 """nf_rlbc.py end to end through its CLI on tiny OGBench and Minari data, and its TD target by hand."""
 
 import csv
+import importlib.util
 import math
+import os
 import shutil
 
 import numpy as np
@@ -191,3 +193,17 @@ def test_finetune_from_starts_online_from_an_offline_run(tmp_path, pointmaze_dir
     ]:
         with pytest.raises(SystemExit, match=message):
             run(data + ["--output-dir", str(tmp_path / "bad")] + QUICK + argv)
+
+
+def test_value_picture_prints_v_at_the_start_and_the_given_points(tmp_path, pointmaze_dir, capsys):
+    run_dir, _ = run(source_args("ogbench", pointmaze_dir) + ["--output-dir", str(tmp_path)] + QUICK)
+    path = f"{nf_rlbc.__file__[:-len('nf_rlbc.py')]}scripts/plot_rlbc_values.py"
+    spec = importlib.util.spec_from_file_location("plot_rlbc_values", path)
+    plot = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(plot)
+    out = str(tmp_path / "values.png")
+    plot.main(plot.Args(runs=[run_dir], out=out, samples=4, resolution=1.0, points=["6.7,14.8"]))
+    printed = capsys.readouterr().out
+    assert "V(start)" in printed and "V(6.7,14.8)" in printed and os.path.getsize(out) > 0
+    with pytest.raises(SystemExit, match="expected x,y"):
+        plot.main(plot.Args(runs=[run_dir], out=out, samples=4, resolution=1.0, points=["6.7"]))
