@@ -5,13 +5,16 @@
 Groups run directories by (env_id, exp_name, policy) from their args.json (nf_goal_explore.py runs by their
 goal strategy) and prints a Markdown table of overall success at every evaluation: by gradient step, online
 environment step or both, whichever the runs log. Where the runs log them it adds the validation NLL
-(BC scripts) and the coverage (exploration), as the mean and each seed's value, and always the mean wall time.
+(BC scripts) and the coverage (exploration), as the mean and each seed's value, the mean success on each
+evaluation task (goal-conditioned scripts), and always the mean wall time.
 """
 
 import csv
 import glob
 import json
+import math
 import os
+import re
 import statistics
 import sys
 from collections import defaultdict
@@ -33,9 +36,11 @@ def main(root: str):
     columns = {c for runs in groups.values() for rows in runs for c in rows[0]}
     at_keys = [k for k in ("step", "env_steps") if k in columns]  # where an evaluation sits
     extras = [(k, name) for k, name in (("val_nll", "val NLL"), ("coverage", "coverage")) if k in columns]
+    tasks = sorted((c for c in columns if re.fullmatch(r"task\d+(_success)?", c)), key=lambda c: int(re.findall(r"\d+", c)[0]))
     print("| env | experiment | policy | seeds | " + " | ".join(k.replace("_", " ") for k in at_keys)
-          + " | success (mean +- std) | per seed | " + "".join(f"{name} | " for _, name in extras) + "wall time (min) |")  # fmt: skip
-    print("|---" * (7 + len(at_keys) + len(extras)) + "|")
+          + " | success (mean +- std) | per seed | " + "".join(f"{name} | " for _, name in extras)
+          + ("success per task (mean) | " if tasks else "") + "wall time (min) |")  # fmt: skip
+    print("|---" * (7 + len(at_keys) + len(extras) + bool(tasks)) + "|")
     for (env, exp, policy), runs in sorted(groups.items()):
 
         def where(r):
@@ -50,6 +55,10 @@ def main(root: str):
                 values = [float(r[k]) for r in at if r.get(k) not in (None, "", "nan")]
                 per_seed = f" ({', '.join(f'{v:.2f}' for v in values)})" if len(values) > 1 else ""
                 cells.append(f"{statistics.mean(values):.2f}{per_seed}" if values else "-")
+            if tasks:
+                per_task = [statistics.mean(float(r[t]) for r in at) if all(r.get(t) not in (None, "", "nan") for r in at)
+                            else math.nan for t in tasks]  # fmt: skip
+                cells.append(", ".join(f"{v:.2f}" for v in per_task))
             wall = statistics.mean(float(r["wall_time"]) for r in at) / 60
             print(f"| {env} | {exp} | {policy} | {len(at)} | " + " | ".join(f"{v:,}" for v in key)
                   + f" | {statistics.mean(success):.3f} +- {spread:.3f} | {', '.join(f'{s:.2f}' for s in success)} | "
