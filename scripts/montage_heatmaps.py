@@ -2,13 +2,16 @@
 
     python scripts/montage_heatmaps.py --runs runs/explore/*min-density__1__* runs/explore/*uniform__1__* \
         --env-steps 32000 96000 160000 --out docs/explore_heatmaps.png
+    python scripts/montage_heatmaps.py --runs runs/explore/*__[123]__* --env-steps 160000 --columns 3
+
+With --columns the pictures (each run's, in the order given) fill rows of that many instead.
 
 Each run writes heatmaps/env_step_N.png at every evaluation; this reads those files and nothing else.
 """
 
 import os
 from dataclasses import dataclass
-from typing import List
+from typing import List, Optional
 
 import matplotlib
 
@@ -27,21 +30,29 @@ class Args:
     """where to write the PNG"""
     dpi: int = 80
     """resolution of the montage"""
+    columns: Optional[int] = None
+    """pictures per row, filled in order (default: one row per run, one column per environment step)"""
 
 
 def main(args: Args):
     paths = [[os.path.join(run, "heatmaps", f"env_step_{n}.png") for n in args.env_steps] for run in args.runs]
+    if args.columns is not None:
+        if args.columns <= 0:
+            raise SystemExit("--columns must be positive")
+        flat = [p for row in paths for p in row]
+        paths = [flat[i : i + args.columns] for i in range(0, len(flat), args.columns)]
     missing = [p for row in paths for p in row if not os.path.isfile(p)]
     if missing:
         raise SystemExit(f"no such heat map: {', '.join(missing)} (a run writes one per evaluation; see its eval.csv)")
     images = [[plt.imread(p) for p in row] for row in paths]
     height, width = images[0][0].shape[:2]
-    fig, axes = plt.subplots(len(paths), len(args.env_steps), squeeze=False,
-                             figsize=(width * len(args.env_steps) / 100, height * len(paths) / 100))  # fmt: skip
+    columns = max(len(row) for row in paths)
+    fig, axes = plt.subplots(len(paths), columns, squeeze=False, figsize=(width * columns / 100, height * len(paths) / 100))
     for row, ax_row in zip(images, axes):
+        for ax in ax_row:
+            ax.axis("off")
         for image, ax in zip(row, ax_row):
             ax.imshow(image)
-            ax.axis("off")
     fig.subplots_adjust(0, 0, 1, 1, 0, 0)
     fig.savefig(args.out, dpi=args.dpi)
     print(f"wrote {args.out}")

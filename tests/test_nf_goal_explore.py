@@ -55,6 +55,8 @@ def test_each_goal_strategy_explores_evaluates_and_draws(tmp_path, strategy, den
         montage = load_script("montage_heatmaps")
         montage.main(montage.Args(runs=[run_dir], env_steps=[0, 300], out=str(tmp_path / "montage.png")))
         assert os.path.getsize(tmp_path / "montage.png") > 0
+        montage.main(montage.Args(runs=[run_dir, run_dir], env_steps=[300], columns=2, out=str(tmp_path / "row.png")))
+        assert os.path.getsize(tmp_path / "row.png") > 0
         with pytest.raises(SystemExit, match="no such heat map"):
             montage.main(montage.Args(runs=[run_dir], env_steps=[150], out=str(tmp_path / "none.png")))
     checkpoint = torch.load(f"{run_dir}/checkpoints/step_300.pt", weights_only=True)
