@@ -483,7 +483,7 @@ def main(args: Args):
             raise SystemExit(f"--finetune-from {path}: not a readable checkpoint ({type(err).__name__}: {err})")
         if checkpoint["env_steps"] > 0:
             raise SystemExit(f"--finetune-from {path}: that checkpoint is already online; continue it with --resume")
-        offline = checkpoint["args"]
+        offline = dataclasses.asdict(Args(**checkpoint["args"]))  # flags added since it was saved get their defaults
         differ = [f"--{k.replace('_', '-')} {offline[k]}" for k in ARCHITECTURE if offline[k] != getattr(args, k)]
         if differ:
             raise SystemExit(f"--finetune-from {path} was trained with {' '.join(differ)}; pass the same")
