@@ -84,6 +84,12 @@ def evaluated_success(run: str, step: int, env_steps: int) -> str:
 
 
 def main(args: Args):
+    points = {}  # parsed once, before any checkpoint is read
+    for point in args.points:
+        try:
+            points[point] = np.array([float(v) for v in point.split(",")], dtype=np.float64).reshape(2)
+        except ValueError:
+            raise SystemExit(f"--points {point}: expected x,y (two numbers, e.g. 6.7,14.8)")
     fig, axes = plt.subplots(1, len(args.runs), figsize=(5.2 * len(args.runs), 5), squeeze=False)
     for ax, run in zip(axes[0], args.runs):
         run_args, checkpoint, actor, critic = load(run, args.step)
@@ -112,11 +118,7 @@ def main(args: Args):
         for name, (di, dj) in (("above", (1, 0)), ("below", (-1, 0)), ("right", (0, 1)), ("left", (0, -1))):
             if grid[i + di, j + dj] == 0:  # as drawn (origin lower): row i + 1 is above row i
                 named[f"cell {name}"] = np.asarray(maze.ij_to_xy((i + di, j + dj)))
-        for point in args.points:
-            try:
-                named[point] = np.array([float(v) for v in point.split(",")], dtype=np.float64).reshape(2)
-            except ValueError:
-                raise SystemExit(f"--points {point}: expected x,y (two numbers, e.g. 6.7,14.8)")
+        named.update(points)
         at = value_and_direction(actor, critic, np.stack(list(named.values())), args.samples)[0]
         print(f"{run}: " + ", ".join(f"V({name}) {v:.0f}" for name, v in zip(named, at)))
         ax.scatter([start[0]], [start[1]], marker="o", s=90, c="white", edgecolors="k", zorder=3, label="start")
