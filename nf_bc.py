@@ -25,9 +25,10 @@ import glob
 import json
 import math
 import os
+import sys
 import time
 from dataclasses import dataclass
-from typing import Dict, Literal, Optional
+from typing import Dict, List, Literal, Optional
 
 import gymnasium
 import numpy as np
@@ -112,9 +113,9 @@ class Args:
 
     # logging and evaluation
     log_interval: int = 1_000
-    """steps between training logs (and validation NLL)"""
+    """steps between training logs"""
     eval_interval: int = 100_000
-    """steps between evaluations (also at step 0 and at the end)"""
+    """steps between evaluations and validation NLL (also at step 0 and at the end)"""
     eval_episodes: int = 50
     """evaluation episodes, run as one batch"""
     eval_max_steps: Optional[int] = None
@@ -123,260 +124,15 @@ class Args:
     """steps between checkpoints (also at the end)"""
 
 
-# ------------------------------------------------------------------------------------------------ data
-
-
-def load_ogbench(env_id: str, dataset_dir: str):
-    """The evaluation env and the train/val datasets; a clear error when the name or files are wrong."""
-    if "singletask" not in env_id.split("-"):
-        raise SystemExit(f"{env_id} is a goal-conditioned dataset; BC is evaluated on one task, so name a singletask "
-                         f"variant, e.g. {env_id[:-3]}-singletask-task1-v0")  # fmt: skip
-    parts = env_id.split("-")
-    parts = parts[: parts.index("singletask")] + parts[-1:]  # the dataset that a singletask name reads
-    env_name = "-".join(parts[:-2] + parts[-1:])
-    if len(parts) < 3 or env_name not in gymnasium.registry:
-        known = [k for k in gymnasium.registry if any(w in k for w in ("maze", "cube", "scene", "puzzle", "soccer"))]
-        names = [f"{k[:-3]}-{t}-singletask-v0" for k in known for t in ("navigate", "stitch", "explore", "play", "noisy")]
-        close = difflib.get_close_matches(env_id, names, n=3, cutoff=0.6)
-        raise SystemExit(f"unknown OGBench dataset {env_id!r}" + (f"; did you mean {' or '.join(close)}?" if close else ""))
-    dataset_dir = os.path.expanduser(dataset_dir)
-    dataset = "-".join(parts)
-    path = os.path.join(dataset_dir, f"{dataset}.npz")
-    if not os.path.exists(path):
-        try:
-            ogbench.download_datasets([dataset], dataset_dir)
-        except Exception as err:  # no network, unknown file, ...
-            raise SystemExit(
-                f"{path} is missing and OGBench's download failed ({type(err).__name__}: {err}).\n"
-                f"Make it locally with OGBench's own oracles:\n"
-                f"  python make_dataset.py {dataset} --dataset-dir {dataset_dir}"
-            )
-    try:
-        env, train, val = ogbench.make_env_and_datasets(env_id, dataset_dir=dataset_dir)
-    except (OSError, ValueError, KeyError) as err:
-        raise SystemExit(f"could not read {path} ({type(err).__name__}: {err}); remake it with\n"
-                         f"  python make_dataset.py {dataset} --dataset-dir {dataset_dir} --overwrite")  # fmt: skip
-    return env, train, val
-
-
-def load_npz(path: str, make_hint: str) -> Dict[str, np.ndarray]:
-    """A demonstration file: observations [N, o], actions [N, a], terminals [N] (True at each episode's end)."""
-    if not os.path.exists(path):
-        raise SystemExit(f"{path} is missing. {make_hint}")
-    try:
-        with np.load(path, allow_pickle=False) as f:
-            data = {k: f[k] for k in f.files}
-    except Exception as err:
-        raise SystemExit(f"could not read {path} ({type(err).__name__}: {err}). {make_hint}")
-    missing = [k for k in ("observations", "actions", "terminals") if k not in data]
-    if missing:
-        raise SystemExit(f"{path} lacks {', '.join(missing)}: a demonstration file needs observations [N, obs_dim], "
-                         f"actions [N, action_dim] and terminals [N] (True at the last step of each episode)")  # fmt: skip
-    n = len(data["terminals"])
-    if data["observations"].ndim != 2 or data["actions"].ndim != 2 or len(data["observations"]) != n or len(data["actions"]) != n:
-        raise SystemExit(f"{path}: observations {data['observations'].shape}, actions {data['actions'].shape} and "
-                         f"terminals {data['terminals'].shape} must be [N, obs_dim], [N, action_dim] and [N]")  # fmt: skip
-    return data
-
-
-def flatten_observation(space: gymnasium.Space, obs) -> np.ndarray:
-    """Dict observations (one step or a batch of steps) as one vector, keys in the space's order."""
-    if isinstance(space, gymnasium.spaces.Dict):
-        return np.concatenate([flatten_observation(space[k], obs[k]) for k in space.keys()], -1)
-    obs = np.asarray(obs, dtype=np.float32)
-    return obs.reshape(*obs.shape[: obs.ndim - len(space.shape)], -1)
-
-
-def load_minari(dataset_id: str):
-    """A local Minari dataset as train/val arrays (every 10th episode is validation) and the dataset itself."""
-    try:
-        import minari
-    except ImportError:
-        raise SystemExit('--source minari needs Minari: pip install "minari[hdf5]"')
-    try:
-        dataset = minari.load_dataset(dataset_id)
-    except (FileNotFoundError, ValueError) as err:
-        local = list(minari.list_local_datasets())
-        close = difflib.get_close_matches(dataset_id, local, n=3, cutoff=0.6)
-        root = os.environ.get("MINARI_DATASETS_PATH", "~/.minari/datasets")
-        raise SystemExit(f"Minari dataset {dataset_id!r} is not in {root} ({type(err).__name__}).\n"
-                         + (f"Did you mean {' or '.join(close)}? " if close else "")
-                         + f"Local datasets: {', '.join(local) or 'none'}. Download it where there is network with\n"
-                         f"  minari download {dataset_id}\n"
-                         f"and copy it into $MINARI_DATASETS_PATH (default ~/.minari/datasets).")  # fmt: skip
-    episodes = list(dataset.iterate_episodes())
-    val_ids = set(range(9, len(episodes), 10)) if len(episodes) >= 10 else set()
-    splits = []
-    for keep in (lambda i: i not in val_ids, lambda i: i in val_ids):
-        chosen = [e for i, e in enumerate(episodes) if keep(i)]
-        if not chosen:
-            splits.append(None)
-            continue
-        splits.append({
-            "observations": np.concatenate([flatten_observation(dataset.observation_space, e.observations)[:-1] for e in chosen]),
-            "actions": np.concatenate([np.asarray(e.actions, np.float32).reshape(len(e.actions), -1) for e in chosen]),
-            "terminals": np.concatenate([np.arange(len(e.actions)) == len(e.actions) - 1 for e in chosen]),
-        })  # fmt: skip
-    return dataset, splits[0], splits[1]
-
-
-class ChunkDataset:
-    """Demonstrations on `device`; samples observation histories [B, h, o] and action chunks [B, k, a] that stay
-    inside one episode: a history reaching before the episode's start repeats its first observation, a chunk
-    running past its end repeats its last action."""
-
-    def __init__(self, data: Dict[str, np.ndarray], obs_horizon: int, action_horizon: int, device: torch.device):
-        self.observations = torch.as_tensor(data["observations"], dtype=torch.float32, device=device)
-        self.actions = torch.as_tensor(data["actions"], dtype=torch.float32, device=device)
-        self.size = len(data["terminals"])
-        ends = np.flatnonzero(data["terminals"])  # the last step of each episode
-        if len(ends) == 0 or ends[-1] != self.size - 1:
-            raise SystemExit("dataset: the last step is not marked as an episode end (terminals); the file is truncated")
-        episode = np.searchsorted(ends, np.arange(self.size))
-        first, last = np.r_[0, ends[:-1] + 1][episode], ends[episode]
-        t = np.arange(self.size)[:, None]
-        self.obs_index = torch.as_tensor(np.maximum(t + np.arange(1 - obs_horizon, 1), first[:, None]), device=device)
-        self.action_index = torch.as_tensor(np.minimum(t + np.arange(action_horizon), last[:, None]), device=device)
-
-    def sample(self, batch_size: int, rng: np.random.Generator):
-        idx = torch.as_tensor(rng.integers(self.size, size=batch_size), device=self.observations.device)
-        return self.observations[self.obs_index[idx]], self.actions[self.action_index[idx]]
-
-
-def scale_actions(actions: np.ndarray, low: np.ndarray, high: np.ndarray) -> np.ndarray:
-    """Actions from [low, high] to [-1, 1], the box the policies act in."""
-    return np.clip(2 * (actions - low) / (high - low) - 1, -1, 1).astype(np.float32)
-
-
-# ------------------------------------------------------------------------------------------- environment
-
-
-class AnyGoalMaze(gymnasium.Wrapper):
-    """An OGBench maze episode from a fixed start cell that succeeds, and ends, on reaching any of several goal
-    cells (within the maze's goal tolerance of a cell centre); reward 1 on success, else 0."""
-
-    def __init__(self, env: gymnasium.Env, init_ij, goal_ijs):
-        super().__init__(env)
-        self.init_ij, self.goal_ijs = tuple(int(v) for v in init_ij), [tuple(int(v) for v in g) for g in goal_ijs]
-        self.goal_xys = np.array([env.unwrapped.ij_to_xy(g) for g in self.goal_ijs])
-
-    def reset(self, *, seed=None, options=None):
-        return self.env.reset(seed=seed, options=dict(task_info=dict(init_ij=self.init_ij, goal_ij=self.goal_ijs[0])))
-
-    def step(self, action):
-        ob, _, terminated, truncated, info = self.env.step(action)
-        reached = np.linalg.norm(self.goal_xys - self.env.unwrapped.get_xy(), axis=1).min() <= self.env.unwrapped._goal_tol
-        info["success"] = float(reached)
-        return ob, float(reached), terminated or reached, truncated, info
-
-
-def load_task(args: Args):
-    """Train/val demonstrations, a function that makes one evaluation env (or None), the observation space of
-    that env, and the normalised score (a function of returns, or None)."""
-    render = dict(render_mode="rgb_array", width=200, height=200) if args.capture_video else {}
-    if args.source == "ogbench":
-        env, train, val = load_ogbench(args.env_id, args.dataset_dir)
-        return train, val, lambda: ogbench.make_env_and_datasets(args.env_id, env_only=True, **render), env.observation_space, None
-    if args.source == "minari":
-        dataset, train, val = load_minari(args.env_id)
-        ref = dataset.storage.metadata
-        score = None
-        if ref.get("ref_min_score") is not None and ref.get("ref_max_score") is not None:
-            import minari
-
-            score = lambda returns: minari.get_normalized_score(dataset, np.asarray(returns))  # noqa: E731
-
-        def make_minari_env():
-            try:
-                return dataset.recover_environment(eval_env=True, **render)
-            except Exception as err:  # the package that registers the environment is missing, ...
-                raise SystemExit(f"could not make the evaluation environment of {args.env_id} ({type(err).__name__}: "
-                                 f"{err}); install the package that provides it (D4RL/* datasets: pip install "
-                                 f"gymnasium-robotics; mujoco/*: pip install mujoco)")  # fmt: skip
-
-        return train, val, make_minari_env, dataset.observation_space, score
-    directory = os.path.expanduser(args.dataset_dir)
-    hint = (f"Make it with\n  python make_dataset.py {args.env_id} --dataset-dir {args.dataset_dir}"
-            if args.env_id.endswith("-multigoal-v0") else
-            "--source npz reads <dataset-dir>/<env-id>.npz with observations, actions and terminals.")  # fmt: skip
-    train = load_npz(os.path.join(directory, f"{args.env_id}.npz"), hint)
-    val_path = os.path.join(directory, f"{args.env_id}-val.npz")
-    val = load_npz(val_path, hint) if os.path.exists(val_path) else None
-    env_name = args.eval_env or (str(train["env_name"]) if "env_name" in train else None)
-    if env_name is None:
-        return train, val, None, None, None
-    if env_name not in gymnasium.registry:
-        close = difflib.get_close_matches(env_name, list(gymnasium.registry), n=3, cutoff=0.6)
-        raise SystemExit(f"unknown gymnasium environment {env_name!r} to evaluate in" + (f"; did you mean {' or '.join(close)}?" if close else ""))
-
-    def make_env():
-        if "goal_ijs" in train and args.eval_env is None:  # make_dataset.py's multigoal maze task
-            steps = int(train["max_episode_steps"])
-            env = gymnasium.make(env_name, terminate_at_goal=False, add_noise_to_goal=False, max_episode_steps=steps, **render)
-            return AnyGoalMaze(env, train["init_ij"], train["goal_ijs"])
-        return gymnasium.make(env_name, **render)
-
-    return train, val, make_env, None, None
-
-
-@torch.no_grad()
-def evaluate(policy, envs, obs_space, args: Args, device, step: int, video_dir: Optional[str], score_fn) -> Dict[str, float]:
-    """Mean return, success rate (where the env reports success) and normalised score (where defined) over one
-    episode per env. All envs run in lockstep: every exec_horizon steps the policy plans a chunk for all of them."""
-    policy.eval()
-    generator = torch.Generator(device=device).manual_seed(args.seed * 1_000_003 + step)  # not the training RNG
-    flat = (lambda o: flatten_observation(obs_space, o)) if obs_space is not None else (lambda o: np.asarray(o, np.float32))
-    first = []
-    for i, env in enumerate(envs):  # fixed evaluation seeds, the same for every run and step
-        np.random.seed(100_000 + i)  # OGBench draws start and goal noise from NumPy's global generator
-        first.append(flat(env.reset(seed=100_000 + i)[0]))
-    history = np.repeat(np.array(first)[:, None], args.obs_horizon, axis=1)  # [n, h, o]: padded with the first
-    n = len(envs)
-    active, returns, success, reports_success = np.ones(n, bool), np.zeros(n), np.zeros(n), False
-    plan, frames = None, []
-    for t in range(args.eval_max_steps or 10**9):
-        if not active.any():
-            break
-        if t % args.exec_horizon == 0:
-            idx = np.flatnonzero(active)
-            obs = torch.as_tensor(history[idx], dtype=torch.float32, device=device)
-            chunk = policy.act(obs, generator, args.noise_std, args.denoise).cpu().numpy()
-            plan = np.zeros((n,) + chunk.shape[1:], np.float32)
-            plan[idx] = chunk
-        if video_dir is not None and active[0]:
-            frames.append(envs[0].render())
-        for i in np.flatnonzero(active):
-            ob, reward, terminated, truncated, info = envs[i].step(plan[i, t % args.exec_horizon])
-            returns[i] += reward
-            if "success" in info:
-                reports_success = True
-                success[i] = max(success[i], float(info["success"]))
-            history[i, :-1], history[i, -1] = history[i, 1:].copy(), flat(ob)
-            if terminated or truncated:
-                active[i] = False
-    if video_dir is not None:
-        save_video(frames, os.path.join(video_dir, f"step{step}.mp4"))
-    policy.train()
-    return {"return": float(returns.mean()), "success": float(success.mean()) if reports_success else math.nan,
-            "score": float(np.mean(score_fn(returns))) if score_fn is not None else math.nan}  # fmt: skip
-
-
-def save_video(frames, path: str):
-    import imageio.v2 as imageio
-
-    try:
-        imageio.mimsave(path, frames, fps=30)
-    except Exception:  # no ffmpeg backend: fall back to a GIF
-        imageio.mimsave(path[:-4] + ".gif", frames, duration=1 / 30)
-
-
-# ---------------------------------------------------------------------------------------------- policies
+# ---------------------------------------------------------------------------------------------- networks
 
 
 def mlp(sizes, activation, layer_norm: bool) -> nn.Sequential:
+    """Linear layers of the given sizes with the activation (then LayerNorm, if asked) between them."""
     layers = []
     for i in range(len(sizes) - 2):
-        layers += [nn.Linear(sizes[i], sizes[i + 1]), activation()] + ([nn.LayerNorm(sizes[i + 1])] if layer_norm else [])
+        layers += [nn.Linear(sizes[i], sizes[i + 1]), activation()]
+        layers += [nn.LayerNorm(sizes[i + 1])] if layer_norm else []
     return nn.Sequential(*layers, nn.Linear(sizes[-2], sizes[-1]))
 
 
@@ -429,18 +185,36 @@ class GaussianPolicy(Policy):
 
     def __init__(self, obs_dim: int, action_dim: int, args: Args):
         super().__init__(obs_dim, action_dim, args)
-        self.net = mlp([args.obs_horizon * obs_dim, 512, 512, 512, args.action_horizon * action_dim], nn.GELU, layer_norm=False)
-        self.log_std = nn.Parameter(torch.zeros(args.action_horizon * action_dim))
+        chunk_dim = args.action_horizon * action_dim
+        self.net = mlp([args.obs_horizon * obs_dim, 512, 512, 512, chunk_dim], nn.GELU, layer_norm=False)
+        self.log_std = nn.Parameter(torch.zeros(chunk_dim))
 
     def log_prob(self, obs, actions):
-        mean = self.net(self.features(obs))
-        return (-0.5 * ((actions.flatten(1) - mean) / self.log_std.exp()).square() - self.log_std - 0.5 * math.log(2 * math.pi)).sum(-1)
+        z = (actions.flatten(1) - self.net(self.features(obs))) / self.log_std.exp()
+        return (-0.5 * z.square() - self.log_std - 0.5 * math.log(2 * math.pi)).sum(-1)
 
     def act(self, obs, generator: torch.Generator, noise_std: float, use_denoise: bool):
         return self.to_env_units(self.net(self.features(obs)).view(len(obs), *self.chunk_shape))  # the mean
 
 
-# ---------------------------------------------------------------------------------------------- training
+# --------------------------------------------------------------------------------------------- algorithm
+
+
+def bc_loss(model, obs, actions, *, noise_std: float, share: slice = slice(None)) -> torch.Tensor:
+    """-log p(chunk + noise | history) over this process's share of the batch. The noise is drawn for the whole
+    batch, so the processes of a data-parallel run together see what a single process sees."""
+    noisy_actions = actions + noise_std * torch.randn_like(actions)
+    return -model(obs[share], noisy_actions[share]).mean()
+
+
+def update(model, optimizer, scheduler, batch, *, noise_std: float, share: slice = slice(None)):
+    """One AdamW step on a batch (histories, chunks); returns the loss for logging (not read here)."""
+    loss = bc_loss(model, *batch, noise_std=noise_std, share=share)
+    optimizer.zero_grad(set_to_none=True)
+    loss.backward()  # under DDP this also averages the gradients of all processes
+    optimizer.step()
+    scheduler.step()
+    return {"nll": loss.detach()}
 
 
 def lr_factor(step: int, args: Args) -> float:
@@ -451,60 +225,430 @@ def lr_factor(step: int, args: Args) -> float:
     return 0.5 * (1 + math.cos(math.pi * min(1.0, progress)))
 
 
+# -------------------------------------------------------------------------------------------------- data
+
+
+class ChunkDataset:
+    """Demonstrations on `device`; samples observation histories [B, h, o] and action chunks [B, k, a] that stay
+    inside one episode: a history reaching before the episode's start repeats its first observation, a chunk
+    running past its end repeats its last action."""
+
+    def __init__(self, data: Dict[str, np.ndarray], obs_horizon: int, action_horizon: int, device: torch.device):
+        self.observations = torch.as_tensor(data["observations"], dtype=torch.float32, device=device)
+        self.actions = torch.as_tensor(data["actions"], dtype=torch.float32, device=device)
+        self.size = len(data["terminals"])
+        ends = np.flatnonzero(data["terminals"])  # the last step of each episode
+        if len(ends) == 0 or ends[-1] != self.size - 1:
+            raise SystemExit(
+                "dataset: the last step is not marked as an episode end (terminals); the file is truncated"
+            )
+        episode = np.searchsorted(ends, np.arange(self.size))
+        first, last = np.r_[0, ends[:-1] + 1][episode], ends[episode]
+        t = np.arange(self.size)[:, None]
+        self.obs_index = torch.as_tensor(np.maximum(t + np.arange(1 - obs_horizon, 1), first[:, None]), device=device)
+        self.action_index = torch.as_tensor(np.minimum(t + np.arange(action_horizon), last[:, None]), device=device)
+
+    def sample(self, batch_size: int, rng: np.random.Generator):
+        idx = torch.as_tensor(rng.integers(self.size, size=batch_size), device=self.observations.device)
+        return self.observations[self.obs_index[idx]], self.actions[self.action_index[idx]]
+
+
+def load_ogbench(env_id: str, dataset_dir: str, singletask: bool):
+    """The evaluation env and the train/val data of an OGBench dataset (a singletask name reads its dataset's
+    file with that task's rewards); a clear error when the name or the files are wrong."""
+    parts = env_id.split("-")
+    if ("singletask" in parts) != singletask:
+        fix = f"{env_id[:-3]}-singletask-task1-v0" if singletask else env_id.split("-singletask")[0] + "-v0"
+        kind = "a singletask" if singletask else "a goal-conditioned"
+        raise SystemExit(f"{env_id}: {os.path.basename(sys.argv[0])} needs {kind} dataset name, e.g. {fix}")
+    dataset = "-".join(parts[: parts.index("singletask")] + parts[-1:]) if singletask else env_id
+    if len(parts) < 3 or "-".join(dataset.split("-")[:-2]) + "-v0" not in gymnasium.registry:
+        suffix = "-singletask-v0" if singletask else "-v0"
+        names = [f"{k[:-3]}-{kind}{suffix}" for k in gymnasium.registry for kind in ("navigate", "stitch", "play")]
+        raise SystemExit(f"unknown OGBench dataset {env_id!r}" + did_you_mean(env_id, names))
+    dataset_dir = os.path.expanduser(dataset_dir)
+    path = os.path.join(dataset_dir, f"{dataset}.npz")
+    make = f"python make_dataset.py {dataset} --dataset-dir {dataset_dir}"
+    if not os.path.exists(path):
+        try:
+            ogbench.download_datasets([dataset], dataset_dir)
+        except Exception as err:  # no network, unknown file, ...
+            why = f"{type(err).__name__}: {err}"
+            raise SystemExit(f"{path} is missing and OGBench's download failed ({why}). Make it locally with\n  {make}")
+    try:
+        env, train, val = ogbench.make_env_and_datasets(env_id, dataset_dir=dataset_dir)
+    except (OSError, ValueError, KeyError) as err:
+        raise SystemExit(f"could not read {path} ({type(err).__name__}: {err}); remake it with\n  {make} --overwrite")
+    return env, train, val
+
+
+def did_you_mean(name: str, known) -> str:
+    close = difflib.get_close_matches(name, list(known), n=3, cutoff=0.6)
+    return f"; did you mean {' or '.join(close)}?" if close else ""
+
+
+def flatten_observation(space: gymnasium.Space, obs) -> np.ndarray:
+    """Dict observations (one step or a batch of steps) as one vector, keys in the space's order."""
+    if isinstance(space, gymnasium.spaces.Dict):
+        return np.concatenate([flatten_observation(space[k], obs[k]) for k in space.keys()], -1)
+    obs = np.asarray(obs, dtype=np.float32)
+    return obs.reshape(*obs.shape[: obs.ndim - len(space.shape)], -1)
+
+
+def load_minari(dataset_id: str, val_every: int):
+    """A local Minari dataset and its transitions as train and validation dicts (every `val_every`-th episode,
+    None if there is none): observations, next_observations, actions, rewards, masks (1 - termination) and
+    terminals (True at each episode's last step)."""
+    try:
+        import minari
+    except ImportError:
+        raise SystemExit('--source minari needs Minari: pip install "minari[hdf5]"')
+    try:
+        dataset = minari.load_dataset(dataset_id)
+    except (FileNotFoundError, ValueError) as err:
+        local, root = list(minari.list_local_datasets()), os.environ.get("MINARI_DATASETS_PATH", "~/.minari/datasets")
+        raise SystemExit(
+            f"Minari dataset {dataset_id!r} is not in {root} ({type(err).__name__}){did_you_mean(dataset_id, local)}\n"
+            f"Local datasets: {', '.join(local) or 'none'}. Download it where there is network with\n"
+            f"  minari download {dataset_id}\nand copy it into $MINARI_DATASETS_PATH (default ~/.minari/datasets)."
+        )
+
+    def arrays(episodes):
+        obs = [flatten_observation(dataset.observation_space, e.observations) for e in episodes]
+        actions = [np.asarray(e.actions, np.float32).reshape(len(e.actions), -1) for e in episodes]
+        return {
+            "observations": np.concatenate([o[:-1] for o in obs]),
+            "next_observations": np.concatenate([o[1:] for o in obs]),
+            "actions": np.concatenate(actions),
+            "rewards": np.concatenate([np.asarray(e.rewards, np.float32) for e in episodes]),
+            "masks": np.concatenate([1.0 - np.asarray(e.terminations, np.float32) for e in episodes]),
+            "terminals": np.concatenate([np.arange(len(a)) == len(a) - 1 for a in actions]),
+        }
+
+    episodes = list(dataset.iterate_episodes())
+    is_val = [val_every > 0 and i % val_every == val_every - 1 for i in range(len(episodes))]
+    val = [e for e, v in zip(episodes, is_val) if v]
+    return dataset, arrays([e for e, v in zip(episodes, is_val) if not v]), arrays(val) if val else None
+
+
+def load_npz(path: str, make_hint: str) -> Dict[str, np.ndarray]:
+    """A demonstration file: observations [N, o], actions [N, a], terminals [N] (True at each episode's end)."""
+    if not os.path.exists(path):
+        raise SystemExit(f"{path} is missing. {make_hint}")
+    try:
+        with np.load(path, allow_pickle=False) as f:
+            data = {k: f[k] for k in f.files}
+    except Exception as err:
+        raise SystemExit(f"could not read {path} ({type(err).__name__}: {err}). {make_hint}")
+    shapes = "observations [N, obs_dim], actions [N, action_dim] and terminals [N] (True at an episode's last step)"
+    if missing := [k for k in ("observations", "actions", "terminals") if k not in data]:
+        raise SystemExit(f"{path} lacks {', '.join(missing)}: a demonstration file needs {shapes}")
+    n, obs, actions = len(data["terminals"]), data["observations"], data["actions"]
+    if obs.ndim != 2 or actions.ndim != 2 or len(obs) != n or len(actions) != n:
+        raise SystemExit(f"{path}: {obs.shape}, {actions.shape} and {data['terminals'].shape} must be {shapes}")
+    return data
+
+
+class AnyGoalMaze(gymnasium.Wrapper):
+    """An OGBench maze episode from a fixed start cell that succeeds, and ends, on reaching any of several goal
+    cells (within the maze's goal tolerance of a cell centre); reward 1 on success, else 0."""
+
+    def __init__(self, env: gymnasium.Env, init_ij, goal_ijs):
+        super().__init__(env)
+        self.task_info = dict(init_ij=tuple(int(v) for v in init_ij), goal_ij=tuple(int(v) for v in goal_ijs[0]))
+        self.goal_xys = np.array([env.unwrapped.ij_to_xy(tuple(int(v) for v in g)) for g in goal_ijs])
+
+    def reset(self, *, seed=None, options=None):
+        return self.env.reset(seed=seed, options=dict(task_info=self.task_info))
+
+    def step(self, action):
+        ob, _, terminated, truncated, info = self.env.step(action)
+        reached = np.linalg.norm(self.goal_xys - self.env.unwrapped.get_xy(), axis=1).min() <= self.unwrapped._goal_tol
+        info["success"] = float(reached)
+        return ob, float(reached), terminated or reached, truncated, info
+
+
+def load_task(args: Args, num_envs: int):
+    """Train/val demonstrations (val None without a split), `num_envs` evaluation envs (none where there is no
+    environment), the observation space of the envs, and the normalised score (a function of returns, or None)."""
+    render = dict(render_mode="rgb_array", width=200, height=200) if args.capture_video else {}
+    if args.source == "ogbench":
+        env, train, val = load_ogbench(args.env_id, args.dataset_dir, singletask=True)
+        envs = [ogbench.make_env_and_datasets(args.env_id, env_only=True, **render) for _ in range(num_envs)]
+        return train, val, envs, env.observation_space, None
+    if args.source == "minari":
+        dataset, train, val = load_minari(args.env_id, val_every=10)
+        score = None
+        if None not in (dataset.storage.metadata.get("ref_min_score"), dataset.storage.metadata.get("ref_max_score")):
+            import minari
+
+            score = lambda returns: minari.get_normalized_score(dataset, np.asarray(returns))  # noqa: E731
+        try:
+            envs = [dataset.recover_environment(eval_env=True, **render) for _ in range(num_envs)]
+        except Exception as err:  # the package that registers the environment is missing, ...
+            install = "D4RL/* datasets: pip install gymnasium-robotics; mujoco/*: pip install mujoco"
+            why = f"could not make the evaluation environment of {args.env_id} ({type(err).__name__}: {err})"
+            raise SystemExit(f"{why}; install the package that provides it ({install})")
+        return train, val, envs, dataset.observation_space, score
+    directory = os.path.expanduser(args.dataset_dir)
+    hint = "--source npz reads <dataset-dir>/<env-id>.npz with observations, actions and terminals."
+    if args.env_id.endswith("-multigoal-v0"):
+        hint = f"Make it with\n  python make_dataset.py {args.env_id} --dataset-dir {args.dataset_dir}"
+    train = load_npz(os.path.join(directory, f"{args.env_id}.npz"), hint)
+    val_path = os.path.join(directory, f"{args.env_id}-val.npz")
+    val = load_npz(val_path, hint) if os.path.exists(val_path) else None
+    env_name = args.eval_env or (str(train["env_name"]) if "env_name" in train else None)
+    if env_name is not None and env_name not in gymnasium.registry:
+        raise SystemExit(
+            f"unknown gymnasium environment {env_name!r} to evaluate in" + did_you_mean(env_name, gymnasium.registry)
+        )
+    envs = []
+    for _ in range(num_envs if env_name is not None else 0):
+        if "goal_ijs" in train and args.eval_env is None:  # make_dataset.py's multigoal maze task
+            steps = dict(max_episode_steps=int(train["max_episode_steps"]))
+            env = gymnasium.make(env_name, terminate_at_goal=False, add_noise_to_goal=False, **steps, **render)
+            envs.append(AnyGoalMaze(env, train["init_ij"], train["goal_ijs"]))
+        else:
+            envs.append(gymnasium.make(env_name, **render))
+    return train, val, envs, envs[0].observation_space if envs else None, None
+
+
+def action_box(args: Args, envs, actions: np.ndarray):
+    """The box the policy acts in: the environment's, or the demonstrations' range where it has no bounded box."""
+    space = envs[0].action_space if envs else None
+    if envs and not isinstance(space, gymnasium.spaces.Box):
+        raise SystemExit(f"{args.env_id}: the action space is {space}; the policies model continuous (Box) actions")
+    if envs and actions.shape[1] != int(np.prod(space.shape)):
+        raise SystemExit(f"{args.env_id}: the demonstrations have {actions.shape[1]}-D actions, the env {space.shape}")
+    if envs and np.all(np.isfinite(space.low)) and np.all(np.isfinite(space.high)):
+        return space.low.astype(np.float32), space.high.astype(np.float32)
+    return actions.min(0), actions.max(0) + 1e-6
+
+
+def scale_actions(actions: np.ndarray, low: np.ndarray, high: np.ndarray) -> np.ndarray:
+    """Actions from [low, high] to [-1, 1], the box the policies act in."""
+    return np.clip(2 * (actions - low) / (high - low) - 1, -1, 1).astype(np.float32)
+
+
+# -------------------------------------------------------------------------------------------- evaluation
+
+
+@torch.no_grad()
+def evaluate(
+    policy, envs, obs_space, val_batch, args: Args, device, step: int, video_dir, score_fn
+) -> Dict[str, float]:
+    """Validation NLL of one fixed batch (nan without one); mean return, success rate (where the env reports
+    success) and normalised score (where defined) over one episode per env. All envs run in lockstep: every
+    exec_horizon steps the policy plans a chunk for all of them."""
+    policy.eval()
+    stats = {"val_nll": -policy.log_prob(*val_batch).mean().item() if val_batch else math.nan}
+    stats.update(dict.fromkeys(("return", "success", "score"), math.nan))
+    if not envs:
+        policy.train()
+        return stats
+    generator = torch.Generator(device=device).manual_seed(args.seed * 1_000_003 + step)  # not the training RNG
+    flat = (
+        (lambda o: flatten_observation(obs_space, o))
+        if obs_space is not None
+        else (lambda o: np.asarray(o, np.float32))
+    )
+    first = []
+    for i, env in enumerate(envs):  # fixed evaluation seeds, the same for every run and step
+        np.random.seed(100_000 + i)  # OGBench draws start and goal noise from NumPy's global generator
+        first.append(flat(env.reset(seed=100_000 + i)[0]))
+    history = np.repeat(np.array(first)[:, None], args.obs_horizon, axis=1)  # [n, h, o]: padded with the first
+    n = len(envs)
+    active, returns, success, reports_success = np.ones(n, bool), np.zeros(n), np.zeros(n), False
+    plan, frames = None, []
+    for t in range(args.eval_max_steps or 10**9):
+        if not active.any():
+            break
+        if t % args.exec_horizon == 0:
+            idx = np.flatnonzero(active)
+            obs = torch.as_tensor(history[idx], dtype=torch.float32, device=device)
+            chunk = policy.act(obs, generator, args.noise_std, args.denoise).cpu().numpy()
+            plan = np.zeros((n,) + chunk.shape[1:], np.float32)
+            plan[idx] = chunk
+        if video_dir is not None and active[0]:
+            frames.append(envs[0].render())
+        for i in np.flatnonzero(active):
+            ob, reward, terminated, truncated, info = envs[i].step(plan[i, t % args.exec_horizon])
+            returns[i] += reward
+            if "success" in info:
+                reports_success = True
+                success[i] = max(success[i], float(info["success"]))
+            history[i, :-1], history[i, -1] = history[i, 1:].copy(), flat(ob)
+            if terminated or truncated:
+                active[i] = False
+    if video_dir is not None:
+        save_video(frames, os.path.join(video_dir, f"step{step}.mp4"))
+    policy.train()
+    stats["return"], stats["success"] = float(returns.mean()), float(success.mean()) if reports_success else math.nan
+    stats["score"] = float(np.mean(score_fn(returns))) if score_fn is not None else math.nan
+    return stats
+
+
+def save_video(frames, path: str):
+    import imageio.v2 as imageio
+
+    try:
+        imageio.mimsave(path, frames, fps=30)
+    except Exception:  # no ffmpeg backend: fall back to a GIF
+        imageio.mimsave(path[:-4] + ".gif", frames, duration=1 / 30)
+
+
+# ------------------------------------------------------------------------ the run: directory, logs, checkpoints
+
+
 def find_checkpoint(path: str, flag: str = "--resume") -> str:
+    """The newest checkpoint of a run directory, or the checkpoint file itself."""
     if os.path.isdir(path):
-        found = sorted(glob.glob(os.path.join(path, "checkpoints", "step_*.pt")), key=lambda p: int(p.rsplit("_", 1)[1][:-3]))
+        found = glob.glob(os.path.join(path, "checkpoints", "step_*.pt"))
         if not found:
             raise SystemExit(f"{flag} {path}: no checkpoints/step_*.pt in that run directory")
-        return found[-1]
+        return max(found, key=lambda p: int(p.rsplit("_", 1)[1][:-3]))
     if not os.path.isfile(path):
         raise SystemExit(f"{flag} {path}: no such run directory or checkpoint file")
     return path
 
 
-def claim_run_dir(path: str) -> str:
-    """Create a new run directory; runs started in the same second with the same name get _2, _3, ..."""
-    for i in range(1, 10_000):
-        candidate = path if i == 1 else f"{path}_{i}"
+def load_checkpoint(path: str, flag: str = "--resume"):
+    """(checkpoint, its path), read on the CPU; a clear error for anything that is not a readable checkpoint."""
+    path = find_checkpoint(path, flag)
+    try:
+        return torch.load(path, map_location="cpu", weights_only=True), path
+    except Exception as err:
+        raise SystemExit(f"{flag} {path}: not a readable checkpoint ({type(err).__name__}: {err})")
+
+
+def save_checkpoint(run_dir: str, step: int, state: dict, args, rng: np.random.Generator):
+    """checkpoints/step_{step}.pt: a plain dict of `state`, the run's arguments and its RNG states."""
+    rngs = {"torch_rng": torch.get_rng_state(), "numpy_rng": json.dumps(rng.bit_generator.state)}
+    path = os.path.join(run_dir, "checkpoints", f"step_{step}.pt")
+    torch.save(dict(state, args=dataclasses.asdict(args), **rngs), path)
+
+
+def restore_rng(checkpoint: dict, rng: np.random.Generator):
+    torch.set_rng_state(checkpoint["torch_rng"])
+    rng.bit_generator.state = json.loads(checkpoint["numpy_rng"])
+
+
+def run_directory(args, checkpoint_path: Optional[str]) -> str:
+    """The resumed checkpoint's run directory, or a new {output_dir}/{env_id}__{exp_name}__{seed}__{unixtime}
+    (runs started in the same second get _2, _3, ...)."""
+    if checkpoint_path is not None:
+        return os.path.dirname(os.path.dirname(checkpoint_path))
+    path = os.path.join(args.output_dir, f"{args.env_id.replace('/', '-')}__{args.exp_name}__{args.seed}")
+    for suffix in [f"__{int(time.time())}"] + [f"__{int(time.time())}_{i}" for i in range(2, 1_000)]:
         try:
-            os.makedirs(candidate)
-            return candidate
+            os.makedirs(path + suffix)
+            return path + suffix
         except FileExistsError:
             continue
     raise SystemExit(f"{path}: could not create a new run directory")
 
 
+class RunLog:
+    """What a run writes besides checkpoints: args.json, TensorBoard events, eval.csv (`fields`, the step and
+    the wall time first) and, with --track, wandb. A resume at `step` keeps the evaluations up to it."""
+
+    def __init__(self, run_dir: str, args, fields: List[str], step: int):
+        self.fields, self.track, self.last = fields, args.track, (time.time(), step)
+        self.video_dir = os.path.join(run_dir, "videos") if args.capture_video else None
+        for sub in ("checkpoints",) + (("videos",) if args.capture_video else ()):
+            os.makedirs(os.path.join(run_dir, sub), exist_ok=True)
+        with open(os.path.join(run_dir, "args.json"), "w") as f:
+            json.dump(dataclasses.asdict(args), f, indent=2)
+        if args.track:
+            import wandb
+
+            run = dict(config=dataclasses.asdict(args), name=os.path.basename(run_dir), dir=run_dir)
+            wandb.init(project=args.wandb_project_name, entity=args.wandb_entity, sync_tensorboard=True, **run)
+        self.writer = SummaryWriter(run_dir, purge_step=step or None)  # later events are redone, as evaluations
+        self.csv_path, kept = os.path.join(run_dir, "eval.csv"), []
+        if step and os.path.exists(self.csv_path):
+            with open(self.csv_path, newline="") as f:
+                kept = [row for row in list(csv.reader(f))[1:] if int(row[0]) <= step]
+        with open(self.csv_path, "w", newline="") as f:
+            csv.writer(f).writerows([fields] + kept)
+        self.start = time.time() - (float(kept[-1][1]) if kept else 0.0)  # wall time goes on across resumes
+
+    def scalars(self, step: int, values: Dict[str, float], prefix: str = "train"):
+        """TensorBoard scalars; train/ ones come with the steps per second since the last call."""
+        for key, value in values.items():
+            self.writer.add_scalar(f"{prefix}/{key}", float(value), step)
+        if prefix == "train":
+            (then, then_step), self.last = self.last, (time.time(), step)
+            self.writer.add_scalar("perf/steps_per_second", (step - then_step) / (time.time() - then + 1e-9), step)
+
+    def evaluation(self, step: int, stats: Dict[str, float]):
+        """A row of eval.csv, eval/ scalars, and a line printed above the progress bar."""
+        with open(self.csv_path, "a", newline="") as f:
+            csv.writer(f).writerow([step, round(time.time() - self.start, 1)] + [stats[k] for k in self.fields[2:]])
+        self.scalars(step, {k: v for k, v in stats.items() if not math.isnan(v)}, "eval")
+        shown = [f"{k} {v:.3f}" if isinstance(v, float) else f"{k} {v}" for k, v in stats.items()]
+        tqdm.write(f"{self.fields[0]} {step}: " + ", ".join(s for s in shown if not s.endswith(" nan")))
+
+    def close(self):
+        self.writer.close()
+        if self.track:
+            import wandb
+
+            wandb.finish()
+
+
+def non_finite_step(first_bad: torch.Tensor, step: int, logs: Dict[str, torch.Tensor]) -> torch.Tensor:
+    """The first step whose logged losses were not all finite (-1 while none), kept on the device: no host sync."""
+    bad = ~torch.stack([v.float() for v in logs.values()]).isfinite().all()
+    return torch.where((first_bad < 0) & bad, step, first_bad)
+
+
 def init_distributed(args: Args):
     """(rank, world size, device). Under torchrun (which sets WORLD_SIZE, RANK, LOCAL_RANK) this joins the
     process group: NCCL with one GPU per process, gloo on CPU. A plain run is a world of one."""
-    world = int(os.environ.get("WORLD_SIZE", "1"))
-    use_cuda = args.cuda and torch.cuda.is_available()
+    world, use_cuda = int(os.environ.get("WORLD_SIZE", "1")), args.cuda and torch.cuda.is_available()
     if world == 1:
         return 0, 1, torch.device("cuda" if use_cuda else "cpu")
-    rank, local_rank = int(os.environ["RANK"]), int(os.environ.get("LOCAL_RANK", "0"))
+    rank, local_rank, local_world = (int(os.environ.get(k, "0")) for k in ("RANK", "LOCAL_RANK", "LOCAL_WORLD_SIZE"))
     if args.batch_size % world:  # said once, by rank 0; every process stops
-        raise SystemExit(1 if rank else f"--batch-size {args.batch_size} is the global batch and must divide evenly among the "
-                         f"{world} processes; use a multiple of {world}, e.g. --batch-size {max(world, args.batch_size // world * world)}")  # fmt: skip
-    if use_cuda and torch.cuda.device_count() < int(os.environ.get("LOCAL_WORLD_SIZE", "1")):
-        raise SystemExit(1 if rank else f"{os.environ.get('LOCAL_WORLD_SIZE')} processes per node but {torch.cuda.device_count()} "
-                         f"GPU(s): start at most one per GPU (torchrun --nproc-per-node), or add --no-cuda to train on CPU with gloo")  # fmt: skip
+        why = f"--batch-size {args.batch_size} is the global batch and must divide evenly among the {world} processes"
+        raise SystemExit(1 if rank else f"{why}; e.g. --batch-size {max(world, args.batch_size // world * world)}")
+    if use_cuda and torch.cuda.device_count() < local_world:
+        why = f"{local_world} processes per node but {torch.cuda.device_count()} GPU(s)"
+        raise SystemExit(1 if rank else f"{why}: start one per GPU, or add --no-cuda to train on CPU with gloo")
     device = torch.device("cuda", local_rank) if use_cuda else torch.device("cpu")
     if use_cuda:
         torch.cuda.set_device(device)
-    dist.init_process_group("nccl" if use_cuda else "gloo", timeout=datetime.timedelta(hours=2))  # rank 0 evaluates meanwhile
+    timeout = datetime.timedelta(hours=2)  # the others wait while rank 0 evaluates
+    dist.init_process_group("nccl" if use_cuda else "gloo", timeout=timeout)
     return rank, world, device
 
 
+def agree(first_bad: torch.Tensor, logs: Dict[str, torch.Tensor], world: int):
+    """At a log/eval/save step every process learns the first non-finite step of any process and the mean losses."""
+    if world > 1:
+        first_bad, logs = first_bad.clone(), {k: v.clone() for k, v in logs.items()}
+        dist.all_reduce(first_bad, op=dist.ReduceOp.MAX)  # -1 where none was bad
+        for value in logs.values():
+            dist.all_reduce(value)
+            value /= world
+    return first_bad, logs
+
+
 def check_args(args: Args):
-    problems = [f"--{name.replace('_', '-')} must be positive" for name in
-                ("total_steps", "batch_size", "log_interval", "eval_interval", "eval_episodes", "save_interval",
-                 "obs_horizon", "action_horizon", "exec_horizon") if getattr(args, name) <= 0]  # fmt: skip
+    names = ("total_steps", "batch_size", "log_interval", "eval_interval", "eval_episodes", "save_interval")
+    names += ("obs_horizon", "action_horizon", "exec_horizon")
+    problems = [f"--{name.replace('_', '-')} must be positive" for name in names if getattr(args, name) <= 0]
     if args.capture_video and not os.environ.get("DISPLAY") and os.environ.get("MUJOCO_GL") not in ("egl", "osmesa"):
-        problems.append("--capture-video without a display needs headless MuJoCo rendering chosen before Python "
-                        "starts: MUJOCO_GL=egl python nf_bc.py ... (or MUJOCO_GL=osmesa)")  # fmt: skip
+        problems.append(
+            "--capture-video without a display needs headless MuJoCo rendering chosen before Python "
+            "starts: MUJOCO_GL=egl python nf_bc.py ... (or MUJOCO_GL=osmesa)"
+        )
     if args.exec_horizon > args.action_horizon:
-        problems.append(f"--exec-horizon ({args.exec_horizon}) cannot exceed --action-horizon ({args.action_horizon}): "
-                        f"the policy executes actions from the chunk it predicted")  # fmt: skip
+        problems.append(
+            f"--exec-horizon ({args.exec_horizon}) cannot exceed --action-horizon ({args.action_horizon}): "
+            "the policy executes actions from the chunk it predicted"
+        )
     if args.noise_std < 0:
         problems.append("--noise-std must be >= 0")
     if args.eval_env is not None and args.source != "npz":
@@ -513,192 +657,100 @@ def check_args(args: Args):
         raise SystemExit("; ".join(problems))
 
 
-def train_step(model, optimizer, scheduler, train, args: Args, rank: int, world: int, rng) -> torch.Tensor:
-    """One AdamW step on -log p(chunk + noise | history). Every process draws the same global batch and noise
-    from the run's seed and trains on its own share; DDP averages the gradients, so N processes take the same
-    steps as one process with the whole batch. Returns this process's loss."""
-    obs, actions = train.sample(args.batch_size, rng)
-    actions = actions + args.noise_std * torch.randn_like(actions)
-    share = slice(rank * args.batch_size // world, (rank + 1) * args.batch_size // world)
-    loss = -model(obs[share], actions[share]).mean()
-    optimizer.zero_grad(set_to_none=True)
-    loss.backward()
-    optimizer.step()
-    scheduler.step()
-    return loss
-
-
-def agree(first_bad_step: torch.Tensor, loss: torch.Tensor, world: int):
-    """At a log/eval/save step every process learns the earliest non-finite step of any process and the mean loss."""
-    if world > 1:
-        first_bad_step = first_bad_step.clone()
-        dist.all_reduce(first_bad_step, op=dist.ReduceOp.MAX)  # -1 where none was bad
-        loss = loss.detach().clone()
-        dist.all_reduce(loss)
-        loss = loss / world
-    return first_bad_step, loss
+# -------------------------------------------------------------------------------------------------- main
 
 
 def main(args: Args):
-    checkpoint = None
+    checkpoint = path = None
     if args.resume is not None:
-        path = find_checkpoint(args.resume)
-        try:
-            checkpoint = torch.load(path, map_location="cpu", weights_only=True)
-        except Exception as err:
-            raise SystemExit(f"--resume {path}: not a readable checkpoint ({type(err).__name__}: {err})")
+        checkpoint, path = load_checkpoint(args.resume)
         args = dataclasses.replace(Args(**checkpoint["args"]), resume=args.resume)
-        run_dir = os.path.dirname(os.path.dirname(path))
-    else:
-        name = args.env_id.replace("/", "-")
-        run_dir = os.path.join(args.output_dir, f"{name}__{args.exp_name}__{args.seed}__{int(time.time())}")
     check_args(args)
     rank, world, device = init_distributed(args)
     is_main = rank == 0  # the only process that evaluates, logs and saves
     torch.manual_seed(args.seed)
     rng = np.random.default_rng(args.seed)
 
-    train_data, val_data, make_env, obs_space, score_fn = load_task(args)
-    envs = [make_env() for _ in range(args.eval_episodes if is_main else 1)] if make_env is not None else []
-    if envs and obs_space is None:
-        obs_space = envs[0].observation_space
-    if envs and not isinstance(envs[0].action_space, gymnasium.spaces.Box):
-        raise SystemExit(f"{args.env_id}: the action space is {envs[0].action_space}; the policies model continuous (Box) actions")
-    if envs and train_data["actions"].shape[1] != int(np.prod(envs[0].action_space.shape)):
-        raise SystemExit(f"{args.env_id}: the demonstrations have {train_data['actions'].shape[1]}-D actions, the "
-                         f"environment {envs[0].action_space.shape}")  # fmt: skip
-    if envs and np.all(np.isfinite(envs[0].action_space.low)) and np.all(np.isfinite(envs[0].action_space.high)):
-        low, high = envs[0].action_space.low.astype(np.float32), envs[0].action_space.high.astype(np.float32)
-    else:  # no bounded box to act in: the demonstrations' range
-        low, high = train_data["actions"].min(0), train_data["actions"].max(0) + 1e-6
+    train_data, val_data, envs, obs_space, score_fn = load_task(args, num_envs=args.eval_episodes if is_main else 1)
+    low, high = action_box(args, envs, train_data["actions"])
     for data in (train_data, val_data):
         if data is not None:
             data["actions"] = scale_actions(data["actions"], low, high)
     train = ChunkDataset(train_data, args.obs_horizon, args.action_horizon, device)
     val = ChunkDataset(val_data, args.obs_horizon, args.action_horizon, device) if val_data is not None else None
-    obs_dim, action_dim = train.observations.shape[1], train.actions.shape[1]
-
-    policy = (FlowPolicy if args.policy == "flow" else GaussianPolicy)(obs_dim, action_dim, args).to(device)
-    policy.obs_mean.copy_(train.observations.mean(0))
-    policy.obs_std.copy_(train.observations.std(0).clamp_min(1e-3))
-    policy.action_low.copy_(torch.as_tensor(low))
-    policy.action_high.copy_(torch.as_tensor(high))
+    policy_class = FlowPolicy if args.policy == "flow" else GaussianPolicy
+    policy = policy_class(train.observations.shape[1], train.actions.shape[1], args).to(device)
+    with torch.no_grad():  # observation statistics and the action box: buffers, so a checkpoint acts on its own
+        policy.obs_mean.copy_(train.observations.mean(0))
+        policy.obs_std.copy_(train.observations.std(0).clamp_min(1e-3))
+        policy.action_low.copy_(torch.as_tensor(low))
+        policy.action_high.copy_(torch.as_tensor(high))
     # fused: one kernel for all parameter tensors (on CPU ~5x faster than the default per-tensor loop)
-    optimizer = torch.optim.AdamW(policy.parameters(), lr=args.learning_rate, weight_decay=args.weight_decay, fused=True)
+    optimizer = torch.optim.AdamW(
+        policy.parameters(), lr=args.learning_rate, weight_decay=args.weight_decay, fused=True
+    )
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: lr_factor(step, args))
     start_step = 0
     if checkpoint is not None:
-        policy.load_state_dict(checkpoint["policy"])
-        optimizer.load_state_dict(checkpoint["optimizer"])
-        scheduler.load_state_dict(checkpoint["scheduler"])
-        torch.set_rng_state(checkpoint["torch_rng"])
-        rng.bit_generator.state = json.loads(checkpoint["numpy_rng"])
+        for part, key in ((policy, "policy"), (optimizer, "optimizer"), (scheduler, "scheduler")):
+            part.load_state_dict(checkpoint[key])
+        restore_rng(checkpoint, rng)
         start_step = checkpoint["step"]
-        if is_main:
-            print(f"resumed {run_dir} at step {start_step}")
-
     model = policy  # what the training step calls: the policy, or its DDP wrapper that averages gradients
-    if world > 1:
-        model = DistributedDataParallel(policy, device_ids=[device.index] if device.type == "cuda" else None,
-                                        broadcast_buffers=False)  # the buffers are constants
+    if world > 1:  # the buffers are constants: no need to broadcast them
+        device_ids = [device.index] if device.type == "cuda" else None
+        model = DistributedDataParallel(policy, device_ids=device_ids, broadcast_buffers=False)
     if args.compile:  # the training step's model as one graph; evaluation stays eager
         model = torch.compile(model)
-    if checkpoint is None:
-        shared = [claim_run_dir(run_dir) if is_main else None]
-        if world > 1:
-            dist.broadcast_object_list(shared)
-        run_dir = shared[0]
-    if is_main:  # the only process that writes: run directory, logs, evaluations and checkpoints
-        os.makedirs(os.path.join(run_dir, "checkpoints"), exist_ok=True)
-        video_dir = os.path.join(run_dir, "videos") if args.capture_video and envs else None
-        if video_dir:
-            os.makedirs(video_dir, exist_ok=True)
-        with open(os.path.join(run_dir, "args.json"), "w") as f:
-            json.dump(dataclasses.asdict(args), f, indent=2)
-        writer = SummaryWriter(run_dir, purge_step=start_step or None)
-        if args.track:
-            import wandb
 
-            wandb.init(project=args.wandb_project_name, entity=args.wandb_entity, config=dataclasses.asdict(args),
-                       name=os.path.basename(run_dir), dir=run_dir, sync_tensorboard=True)  # fmt: skip
-        csv_path = os.path.join(run_dir, "eval.csv")
-        fields = ["step", "wall_time", "val_nll", "return", "success", "score"]
-        kept = []  # on resume, the evaluations up to the checkpoint (later ones are redone, as purge_step does)
-        if start_step and os.path.exists(csv_path):
-            with open(csv_path, newline="") as f:
-                kept = [row for row in csv.reader(f)][1:]
-            kept = [row for row in kept if int(row[0]) <= start_step]
-        with open(csv_path, "w", newline="") as f:
-            csv.writer(f).writerows([fields] + kept)
-        print(f"{args.policy} policy, {sum(p.numel() for p in policy.parameters()):,} parameters, {train.size:,} "
-              f"transitions, device {device}" + (f" x {world} processes" if world > 1 else "") + f"; writing to {run_dir}")  # fmt: skip
+    run_dir = run_directory(args, path) if is_main else None
+    if is_main:
+        log = RunLog(run_dir, args, ["step", "wall_time", "val_nll", "return", "success", "score"], start_step)
+        size = (
+            f"{sum(p.numel() for p in policy.parameters()):,} parameters, {train.size:,} transitions, device {device}"
+        )
+        where = f"resumed {run_dir} at step {start_step}" if start_step else f"writing to {run_dir}"
+        print(f"{args.policy} policy, {size}" + (f" x {world} processes" if world > 1 else "") + f"; {where}")
         if not envs:
             print("no environment to evaluate in (give --eval-env): evaluations report the validation NLL only")
         if val is None:
             print("no validation split (an -val.npz file, or 10+ Minari episodes): val_nll is nan")
-
-
+    val_batch = None
     if val is not None:  # one fixed validation batch
-        val_obs, val_actions = val.sample(1_024, np.random.default_rng(0))
-        val_noise = torch.randn(val_actions.shape, generator=torch.Generator(device).manual_seed(0), device=device)
-        val_actions = val_actions + args.noise_std * val_noise
+        obs, actions = val.sample(1_024, np.random.default_rng(0))
+        noise = torch.randn(actions.shape, generator=torch.Generator(device).manual_seed(0), device=device)
+        val_batch = (obs, actions + args.noise_std * noise)
+    evaluation = dict(envs=envs, obs_space=obs_space, val_batch=val_batch, args=args, device=device, score_fn=score_fn)
 
-    def validation_nll():
-        if val is None:
-            return math.nan
-        with torch.no_grad():
-            return -policy.log_prob(val_obs, val_actions).mean().item()
-
-    def run_evaluation(step):
-        stats = dict.fromkeys(("return", "success", "score"), math.nan)
-        if envs:
-            stats = evaluate(policy, envs, obs_space, args, device, step, video_dir, score_fn)
-        stats["val_nll"] = validation_nll()
-        with open(csv_path, "a", newline="") as f:
-            csv.writer(f).writerow([step, round(time.time() - start_time, 1)] + [stats[k] for k in fields[2:]])
-        for k, v in stats.items():
-            if not math.isnan(v):
-                writer.add_scalar(f"eval/{k}", v, step)
-        print(f"step {step}: " + ", ".join(f"{k} {stats[k]:.3f}" for k in fields[2:] if not math.isnan(stats[k])))
-
-    def save(step):
-        torch.save({"policy": policy.state_dict(), "optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(),
-                    "step": step, "args": dataclasses.asdict(args), "torch_rng": torch.get_rng_state(),
-                    "numpy_rng": json.dumps(rng.bit_generator.state)},
-                   os.path.join(run_dir, "checkpoints", f"step_{step}.pt"))  # fmt: skip
-
-    start_time = time.time()
     if start_step == 0 and is_main:
-        run_evaluation(0)
-    first_bad_step = torch.tensor(-1, device=device)  # first non-finite loss, tracked without a host sync
-    last_log_time, last_log_step = time.time(), start_step
-    for step in tqdm(range(start_step + 1, args.total_steps + 1), initial=start_step, total=args.total_steps, smoothing=0.05,
-                     disable=not is_main):
-        loss = train_step(model, optimizer, scheduler, train, args, rank, world, rng)
-        first_bad_step = torch.where((first_bad_step < 0) & ~torch.isfinite(loss), step, first_bad_step)
+        log.evaluation(0, evaluate(policy, step=0, video_dir=log.video_dir, **evaluation))
+    first_bad = torch.tensor(-1, device=device)
+    share = slice(rank * args.batch_size // world, (rank + 1) * args.batch_size // world)  # this process's rows
+    steps = range(start_step + 1, args.total_steps + 1)
+    for step in tqdm(steps, initial=start_step, total=args.total_steps, smoothing=0.05, disable=not is_main):
+        batch = train.sample(args.batch_size, rng)  # the global batch, the same in every process
+        logs = update(model, optimizer, scheduler, batch, noise_std=args.noise_std, share=share)
+        first_bad = non_finite_step(first_bad, step, logs)
 
         last = step == args.total_steps
-        if any(step % n == 0 for n in (args.log_interval, args.eval_interval, args.save_interval)) or last:
-            first_bad_step, loss = agree(first_bad_step, loss, world)
-            if first_bad_step.item() >= 0:  # before anything logs, evaluates or saves a broken policy; said by rank 0
-                raise SystemExit(1 if rank else f"non-finite training loss at step {first_bad_step.item()}; stopping "
-                                 f"(try a lower --learning-rate or a larger --noise-std)")  # fmt: skip
+        intervals = (args.log_interval, args.eval_interval, args.save_interval)
+        log_now, eval_now, save_now = (step % n == 0 or last for n in intervals)
+        if log_now or eval_now or save_now:  # before anything logs, evaluates or saves a broken policy
+            first_bad, logs = agree(first_bad, logs, world)
+            if first_bad.item() >= 0:  # said once, by rank 0
+                why = f"non-finite training loss at step {first_bad.item()}; stopping"
+                raise SystemExit(1 if rank else f"{why} (try a lower --learning-rate or a larger --noise-std)")
         if not is_main:
             continue  # the other processes only train (their share of each batch)
-        if step % args.log_interval == 0 or last:
-            speed = (step - last_log_step) / (time.time() - last_log_time)
-            last_log_time, last_log_step = time.time(), step
-            writer.add_scalar("train/nll", loss.item(), step)
-            writer.add_scalar("train/lr", scheduler.get_last_lr()[0], step)
-            writer.add_scalar("perf/steps_per_second", speed, step)
-        if step % args.eval_interval == 0 or last:
-            run_evaluation(step)
-        if step % args.save_interval == 0 or last:
-            save(step)
+        if log_now:
+            log.scalars(step, dict(logs, lr=scheduler.get_last_lr()[0]))
+        if eval_now:
+            log.evaluation(step, evaluate(policy, step=step, video_dir=log.video_dir, **evaluation))
+        if save_now:
+            state = dict(policy=policy.state_dict(), optimizer=optimizer.state_dict(), scheduler=scheduler.state_dict())
+            save_checkpoint(run_dir, step, dict(state, step=step), args, rng)
     if is_main:
-        writer.close()
-        if args.track:
-            wandb.finish()
+        log.close()
     if world > 1:
         dist.destroy_process_group()
     return run_dir, policy

@@ -7,6 +7,7 @@ conditioned on an encoder of concat(s, g), actions noised during training and de
 
     python make_dataset.py pointmaze-medium-navigate-v0 --dataset-dir data
     python nf_gcbc.py --env-id pointmaze-medium-navigate-v0 --dataset-dir data
+    torchrun --standalone --nproc-per-node 4 nf_gcbc.py ...   # data parallel: 4 processes step as one
 
 A run writes {output_dir}/{env_id}__{exp_name}__{seed}__{unixtime}/: args.json, TensorBoard events,
 eval.csv (success per evaluation task and overall, validation NLL), checkpoints/ and videos/.
@@ -20,9 +21,10 @@ import glob
 import json
 import math
 import os
+import sys
 import time
 from dataclasses import dataclass
-from typing import Dict, Literal, Optional
+from typing import Dict, List, Literal, Optional
 
 import gymnasium
 import numpy as np
@@ -88,7 +90,7 @@ class Args:
     total_steps: int = 1_000_000
     """gradient steps"""
     batch_size: int = 256
-    """batch size"""
+    """batch size (under torchrun: the global batch, shared among the processes)"""
     learning_rate: float = 3e-4
     """peak learning rate (AdamW)"""
     weight_decay: float = 1e-6
@@ -98,9 +100,9 @@ class Args:
 
     # logging and evaluation
     log_interval: int = 1_000
-    """steps between training logs (and validation NLL)"""
+    """steps between training logs"""
     eval_interval: int = 100_000
-    """steps between evaluations (also at step 0 and at the end)"""
+    """steps between evaluations and validation NLL (also at step 0 and at the end)"""
     eval_episodes: int = 50
     """evaluation episodes per task, run as one batch"""
     eval_max_steps: Optional[int] = None
@@ -109,71 +111,15 @@ class Args:
     """steps between checkpoints (also at the end)"""
 
 
-# ------------------------------------------------------------------------------------------------ data
-
-
-def load_ogbench(env_id: str, dataset_dir: str):
-    """The evaluation env and the train/val datasets; a clear error when the name or files are wrong."""
-    if "singletask" in env_id.split("-"):
-        raise SystemExit(f"{env_id} is a singletask (reward) dataset; goal-conditioned BC needs the goal-conditioned "
-                         f"name, e.g. {env_id.split('-singletask')[0]}-v0")  # fmt: skip
-    parts = env_id.split("-")
-    env_name = "-".join(parts[:-2] + parts[-1:])
-    if len(parts) < 3 or env_name not in gymnasium.registry:
-        known = [k for k in gymnasium.registry if any(w in k for w in ("maze", "cube", "scene", "puzzle", "soccer"))]
-        names = [f"{k[:-3]}-{t}-v0" for k in known for t in ("navigate", "stitch", "explore", "play", "noisy")]
-        close = difflib.get_close_matches(env_id, names, n=3, cutoff=0.6)
-        raise SystemExit(f"unknown OGBench dataset {env_id!r}" + (f"; did you mean {' or '.join(close)}?" if close else ""))
-    dataset_dir = os.path.expanduser(dataset_dir)
-    path = os.path.join(dataset_dir, f"{env_id}.npz")
-    if not os.path.exists(path):
-        try:
-            ogbench.download_datasets([env_id], dataset_dir)
-        except Exception as err:  # no network, unknown file, ...
-            raise SystemExit(
-                f"{path} is missing and OGBench's download failed ({type(err).__name__}: {err}).\n"
-                f"Make it locally with OGBench's own oracles:\n"
-                f"  python make_dataset.py {env_id} --dataset-dir {dataset_dir}"
-            )
-    try:
-        env, train, val = ogbench.make_env_and_datasets(env_id, dataset_dir=dataset_dir)
-    except (OSError, ValueError, KeyError) as err:
-        raise SystemExit(f"could not read {path} ({type(err).__name__}: {err}); remake it with\n"
-                         f"  python make_dataset.py {env_id} --dataset-dir {dataset_dir} --overwrite")  # fmt: skip
-    if not hasattr(env.unwrapped, "task_infos"):
-        raise SystemExit(f"{env_id} has no goal-conditioned evaluation tasks")
-    return env, train, val
-
-
-class GoalDataset:
-    """Transitions on `device`; samples (observation, action, goal) with geometric future goals."""
-
-    def __init__(self, data: Dict[str, np.ndarray], device: torch.device):
-        self.observations = torch.as_tensor(data["observations"], dtype=torch.float32, device=device)
-        self.actions = torch.as_tensor(data["actions"], dtype=torch.float32, device=device)
-        self.size = len(data["terminals"])
-        ends = np.flatnonzero(data["terminals"])  # the last transition of each trajectory
-        if len(ends) == 0 or ends[-1] != self.size - 1:
-            raise SystemExit("dataset: the last transition is not marked terminal; the file is truncated or not OGBench's")
-        self.final = ends[np.searchsorted(ends, np.arange(self.size))]  # the end of each transition's trajectory
-
-    def sample_indices(self, batch_size: int, gamma: float, rng: np.random.Generator):
-        """Transition indices and their goals' indices: k ~ Geometric(1 - gamma) steps on, within the trajectory."""
-        idx = rng.integers(self.size, size=batch_size)
-        return idx, np.minimum(idx + rng.geometric(1 - gamma, size=batch_size), self.final[idx])
-
-    def sample(self, batch_size: int, gamma: float, rng: np.random.Generator):
-        idx, goal_idx = self.sample_indices(batch_size, gamma, rng)
-        return self.observations[idx], self.actions[idx], self.observations[goal_idx]
-
-
-# ---------------------------------------------------------------------------------------------- policies
+# ---------------------------------------------------------------------------------------------- networks
 
 
 def mlp(sizes, activation, layer_norm: bool) -> nn.Sequential:
+    """Linear layers of the given sizes with the activation (then LayerNorm, if asked) between them."""
     layers = []
     for i in range(len(sizes) - 2):
-        layers += [nn.Linear(sizes[i], sizes[i + 1]), activation()] + ([nn.LayerNorm(sizes[i + 1])] if layer_norm else [])
+        layers += [nn.Linear(sizes[i], sizes[i + 1]), activation()]
+        layers += [nn.LayerNorm(sizes[i + 1])] if layer_norm else []
     return nn.Sequential(*layers, nn.Linear(sizes[-2], sizes[-1]))
 
 
@@ -188,8 +134,7 @@ class FlowPolicy(nn.Module):
     def log_prob(self, obs, goals, actions):
         return self.flow.log_prob(actions, self.encoder(torch.cat([obs, goals], -1)))
 
-    def forward(self, obs, goals, actions):  # what a DistributedDataParallel wrapper calls
-        return self.log_prob(obs, goals, actions)
+    forward = log_prob  # what a DistributedDataParallel wrapper calls
 
     def act(self, obs, goals, generator: torch.Generator, noise_std: float, use_denoise: bool):
         cond = self.encoder(torch.cat([obs, goals], -1))
@@ -210,24 +155,116 @@ class GaussianPolicy(nn.Module):
 
     def log_prob(self, obs, goals, actions):
         mean = self.net(torch.cat([obs, goals], -1))
-        return (-0.5 * ((actions - mean) / self.log_std.exp()).square() - self.log_std - 0.5 * math.log(2 * math.pi)).sum(-1)
+        z = (actions - mean) / self.log_std.exp()
+        return (-0.5 * z.square() - self.log_std - 0.5 * math.log(2 * math.pi)).sum(-1)
 
-    def forward(self, obs, goals, actions):  # what a DistributedDataParallel wrapper calls
-        return self.log_prob(obs, goals, actions)
+    forward = log_prob  # what a DistributedDataParallel wrapper calls
 
     def act(self, obs, goals, generator: torch.Generator, noise_std: float, use_denoise: bool):
         return self.net(torch.cat([obs, goals], -1)).clamp(-1, 1)  # the mean, as OGBench evaluates
 
 
-# ------------------------------------------------------------------------------------------- evaluation
+# --------------------------------------------------------------------------------------------- algorithm
+
+
+def gcbc_loss(model, obs, actions, goals, *, noise_std: float, share: slice = slice(None)) -> torch.Tensor:
+    """-log p(a + noise | s, g) over this process's share of the batch. The noise is drawn for the whole batch,
+    so the processes of a data-parallel run together see what a single process sees."""
+    noisy_actions = actions + noise_std * torch.randn_like(actions)
+    return -model(obs[share], goals[share], noisy_actions[share]).mean()
+
+
+def update(model, optimizer, scheduler, batch, *, noise_std: float, share: slice = slice(None)):
+    """One AdamW step on a batch (obs, actions, goals); returns the loss for logging (not read here)."""
+    loss = gcbc_loss(model, *batch, noise_std=noise_std, share=share)
+    optimizer.zero_grad(set_to_none=True)
+    loss.backward()  # under DDP this also averages the gradients of all processes
+    optimizer.step()
+    scheduler.step()
+    return {"nll": loss.detach()}
+
+
+def lr_factor(step: int, args: Args) -> float:
+    """Linear warm-up, then cosine decay to zero at total_steps."""
+    if step < args.warmup_steps:
+        return (step + 1) / args.warmup_steps
+    progress = (step - args.warmup_steps) / max(1, args.total_steps - args.warmup_steps)
+    return 0.5 * (1 + math.cos(math.pi * min(1.0, progress)))
+
+
+# -------------------------------------------------------------------------------------------------- data
+
+
+def load_ogbench(env_id: str, dataset_dir: str, singletask: bool):
+    """The evaluation env and the train/val data of an OGBench dataset (a singletask name reads its dataset's
+    file with that task's rewards); a clear error when the name or the files are wrong."""
+    parts = env_id.split("-")
+    if ("singletask" in parts) != singletask:
+        fix = f"{env_id[:-3]}-singletask-task1-v0" if singletask else env_id.split("-singletask")[0] + "-v0"
+        kind = "a singletask" if singletask else "a goal-conditioned"
+        raise SystemExit(f"{env_id}: {os.path.basename(sys.argv[0])} needs {kind} dataset name, e.g. {fix}")
+    dataset = "-".join(parts[: parts.index("singletask")] + parts[-1:]) if singletask else env_id
+    if len(parts) < 3 or "-".join(dataset.split("-")[:-2]) + "-v0" not in gymnasium.registry:
+        suffix = "-singletask-v0" if singletask else "-v0"
+        names = [f"{k[:-3]}-{kind}{suffix}" for k in gymnasium.registry for kind in ("navigate", "stitch", "play")]
+        raise SystemExit(f"unknown OGBench dataset {env_id!r}" + did_you_mean(env_id, names))
+    dataset_dir = os.path.expanduser(dataset_dir)
+    path = os.path.join(dataset_dir, f"{dataset}.npz")
+    make = f"python make_dataset.py {dataset} --dataset-dir {dataset_dir}"
+    if not os.path.exists(path):
+        try:
+            ogbench.download_datasets([dataset], dataset_dir)
+        except Exception as err:  # no network, unknown file, ...
+            why = f"{type(err).__name__}: {err}"
+            raise SystemExit(f"{path} is missing and OGBench's download failed ({why}). Make it locally with\n  {make}")
+    try:
+        env, train, val = ogbench.make_env_and_datasets(env_id, dataset_dir=dataset_dir)
+    except (OSError, ValueError, KeyError) as err:
+        raise SystemExit(f"could not read {path} ({type(err).__name__}: {err}); remake it with\n  {make} --overwrite")
+    return env, train, val
+
+
+def did_you_mean(name: str, known) -> str:
+    close = difflib.get_close_matches(name, list(known), n=3, cutoff=0.6)
+    return f"; did you mean {' or '.join(close)}?" if close else ""
+
+
+class GoalDataset:
+    """Transitions on `device`; samples (observation, action, goal) with geometric future goals."""
+
+    def __init__(self, data: Dict[str, np.ndarray], device: torch.device):
+        self.observations = torch.as_tensor(data["observations"], dtype=torch.float32, device=device)
+        self.actions = torch.as_tensor(data["actions"], dtype=torch.float32, device=device)
+        self.size = len(data["terminals"])
+        ends = np.flatnonzero(data["terminals"])  # the last transition of each trajectory
+        if len(ends) == 0 or ends[-1] != self.size - 1:
+            raise SystemExit(
+                "dataset: the last transition is not marked terminal; the file is truncated or not OGBench's"
+            )
+        self.final = ends[np.searchsorted(ends, np.arange(self.size))]  # the end of each transition's trajectory
+
+    def sample_indices(self, batch_size: int, gamma: float, rng: np.random.Generator):
+        """Transition indices and their goals' indices: k ~ Geometric(1 - gamma) steps on, within the trajectory."""
+        idx = rng.integers(self.size, size=batch_size)
+        return idx, np.minimum(idx + rng.geometric(1 - gamma, size=batch_size), self.final[idx])
+
+    def sample(self, batch_size: int, gamma: float, rng: np.random.Generator):
+        idx, goal_idx = self.sample_indices(batch_size, gamma, rng)
+        return self.observations[idx], self.actions[idx], self.observations[goal_idx]
+
+
+# -------------------------------------------------------------------------------------------- evaluation
 
 
 @torch.no_grad()
-def evaluate(policy, envs, num_tasks: int, args: Args, device, step: int, video_dir: Optional[str]) -> Dict[str, float]:
-    """Success rate per task: all `envs` (one per episode) run task k in lockstep, the policy batched."""
+def evaluate(policy, envs, val_batch, args: Args, device, step: int, video_dir: Optional[str]) -> Dict[str, float]:
+    """Success rate per task: all `envs` (one per episode) run task k in lockstep, the policy batched; and the
+    validation NLL of one fixed batch."""
     policy.eval()
     generator = torch.Generator(device=device).manual_seed(args.seed * 1_000_003 + step)  # not the training RNG
-    results = {}
+    obs, actions, goals = val_batch
+    results = {"val_nll": -policy.log_prob(obs, goals, actions).mean().item()}
+    num_tasks = len(envs[0].unwrapped.task_infos)
     for task in range(1, num_tasks + 1):
         obs, goals, frames = [], [], []
         for i, env in enumerate(envs):  # fixed evaluation seeds, the same for every run and step
@@ -236,8 +273,7 @@ def evaluate(policy, envs, num_tasks: int, args: Args, device, step: int, video_
             obs.append(ob)
             goals.append(info["goal"])
         obs, goals = np.array(obs), np.array(goals)
-        active = np.ones(len(envs), bool)
-        success = np.zeros(len(envs))
+        active, success = np.ones(len(envs), bool), np.zeros(len(envs))
         for _ in range(args.eval_max_steps or 10**9):
             if not active.any():
                 break
@@ -268,68 +304,152 @@ def save_video(frames, path: str):
         imageio.mimsave(path[:-4] + ".gif", frames, duration=1 / 30)
 
 
-# ---------------------------------------------------------------------------------------------- training
-
-
-def lr_factor(step: int, args: Args) -> float:
-    """Linear warm-up, then cosine decay to zero at total_steps."""
-    if step < args.warmup_steps:
-        return (step + 1) / args.warmup_steps
-    progress = (step - args.warmup_steps) / max(1, args.total_steps - args.warmup_steps)
-    return 0.5 * (1 + math.cos(math.pi * min(1.0, progress)))
+# ------------------------------------------------------------------------ the run: directory, logs, checkpoints
 
 
 def find_checkpoint(path: str, flag: str = "--resume") -> str:
+    """The newest checkpoint of a run directory, or the checkpoint file itself."""
     if os.path.isdir(path):
-        found = sorted(glob.glob(os.path.join(path, "checkpoints", "step_*.pt")), key=lambda p: int(p.rsplit("_", 1)[1][:-3]))
+        found = glob.glob(os.path.join(path, "checkpoints", "step_*.pt"))
         if not found:
             raise SystemExit(f"{flag} {path}: no checkpoints/step_*.pt in that run directory")
-        return found[-1]
+        return max(found, key=lambda p: int(p.rsplit("_", 1)[1][:-3]))
     if not os.path.isfile(path):
         raise SystemExit(f"{flag} {path}: no such run directory or checkpoint file")
     return path
 
 
-def claim_run_dir(path: str) -> str:
-    """Create a new run directory; runs started in the same second with the same name get _2, _3, ..."""
-    for i in range(1, 10_000):
-        candidate = path if i == 1 else f"{path}_{i}"
+def load_checkpoint(path: str, flag: str = "--resume"):
+    """(checkpoint, its path), read on the CPU; a clear error for anything that is not a readable checkpoint."""
+    path = find_checkpoint(path, flag)
+    try:
+        return torch.load(path, map_location="cpu", weights_only=True), path
+    except Exception as err:
+        raise SystemExit(f"{flag} {path}: not a readable checkpoint ({type(err).__name__}: {err})")
+
+
+def save_checkpoint(run_dir: str, step: int, state: dict, args, rng: np.random.Generator):
+    """checkpoints/step_{step}.pt: a plain dict of `state`, the run's arguments and its RNG states."""
+    rngs = {"torch_rng": torch.get_rng_state(), "numpy_rng": json.dumps(rng.bit_generator.state)}
+    path = os.path.join(run_dir, "checkpoints", f"step_{step}.pt")
+    torch.save(dict(state, args=dataclasses.asdict(args), **rngs), path)
+
+
+def restore_rng(checkpoint: dict, rng: np.random.Generator):
+    torch.set_rng_state(checkpoint["torch_rng"])
+    rng.bit_generator.state = json.loads(checkpoint["numpy_rng"])
+
+
+def run_directory(args, checkpoint_path: Optional[str]) -> str:
+    """The resumed checkpoint's run directory, or a new {output_dir}/{env_id}__{exp_name}__{seed}__{unixtime}
+    (runs started in the same second get _2, _3, ...)."""
+    if checkpoint_path is not None:
+        return os.path.dirname(os.path.dirname(checkpoint_path))
+    path = os.path.join(args.output_dir, f"{args.env_id.replace('/', '-')}__{args.exp_name}__{args.seed}")
+    for suffix in [f"__{int(time.time())}"] + [f"__{int(time.time())}_{i}" for i in range(2, 1_000)]:
         try:
-            os.makedirs(candidate)
-            return candidate
+            os.makedirs(path + suffix)
+            return path + suffix
         except FileExistsError:
             continue
     raise SystemExit(f"{path}: could not create a new run directory")
 
 
+class RunLog:
+    """What a run writes besides checkpoints: args.json, TensorBoard events, eval.csv (`fields`, the step and
+    the wall time first) and, with --track, wandb. A resume at `step` keeps the evaluations up to it."""
+
+    def __init__(self, run_dir: str, args, fields: List[str], step: int):
+        self.fields, self.track, self.last = fields, args.track, (time.time(), step)
+        self.video_dir = os.path.join(run_dir, "videos") if args.capture_video else None
+        for sub in ("checkpoints",) + (("videos",) if args.capture_video else ()):
+            os.makedirs(os.path.join(run_dir, sub), exist_ok=True)
+        with open(os.path.join(run_dir, "args.json"), "w") as f:
+            json.dump(dataclasses.asdict(args), f, indent=2)
+        if args.track:
+            import wandb
+
+            run = dict(config=dataclasses.asdict(args), name=os.path.basename(run_dir), dir=run_dir)
+            wandb.init(project=args.wandb_project_name, entity=args.wandb_entity, sync_tensorboard=True, **run)
+        self.writer = SummaryWriter(run_dir, purge_step=step or None)  # later events are redone, as evaluations
+        self.csv_path, kept = os.path.join(run_dir, "eval.csv"), []
+        if step and os.path.exists(self.csv_path):
+            with open(self.csv_path, newline="") as f:
+                kept = [row for row in list(csv.reader(f))[1:] if int(row[0]) <= step]
+        with open(self.csv_path, "w", newline="") as f:
+            csv.writer(f).writerows([fields] + kept)
+        self.start = time.time() - (float(kept[-1][1]) if kept else 0.0)  # wall time goes on across resumes
+
+    def scalars(self, step: int, values: Dict[str, float], prefix: str = "train"):
+        """TensorBoard scalars; train/ ones come with the steps per second since the last call."""
+        for key, value in values.items():
+            self.writer.add_scalar(f"{prefix}/{key}", float(value), step)
+        if prefix == "train":
+            (then, then_step), self.last = self.last, (time.time(), step)
+            self.writer.add_scalar("perf/steps_per_second", (step - then_step) / (time.time() - then + 1e-9), step)
+
+    def evaluation(self, step: int, stats: Dict[str, float]):
+        """A row of eval.csv, eval/ scalars, and a line printed above the progress bar."""
+        with open(self.csv_path, "a", newline="") as f:
+            csv.writer(f).writerow([step, round(time.time() - self.start, 1)] + [stats[k] for k in self.fields[2:]])
+        self.scalars(step, {k: v for k, v in stats.items() if not math.isnan(v)}, "eval")
+        shown = [f"{k} {v:.3f}" if isinstance(v, float) else f"{k} {v}" for k, v in stats.items()]
+        tqdm.write(f"{self.fields[0]} {step}: " + ", ".join(s for s in shown if not s.endswith(" nan")))
+
+    def close(self):
+        self.writer.close()
+        if self.track:
+            import wandb
+
+            wandb.finish()
+
+
+def non_finite_step(first_bad: torch.Tensor, step: int, logs: Dict[str, torch.Tensor]) -> torch.Tensor:
+    """The first step whose logged losses were not all finite (-1 while none), kept on the device: no host sync."""
+    bad = ~torch.stack([v.float() for v in logs.values()]).isfinite().all()
+    return torch.where((first_bad < 0) & bad, step, first_bad)
+
+
 def init_distributed(args: Args):
     """(rank, world size, device). Under torchrun (which sets WORLD_SIZE, RANK, LOCAL_RANK) this joins the
     process group: NCCL with one GPU per process, gloo on CPU. A plain run is a world of one."""
-    world = int(os.environ.get("WORLD_SIZE", "1"))
-    use_cuda = args.cuda and torch.cuda.is_available()
+    world, use_cuda = int(os.environ.get("WORLD_SIZE", "1")), args.cuda and torch.cuda.is_available()
     if world == 1:
         return 0, 1, torch.device("cuda" if use_cuda else "cpu")
-    rank, local_rank = int(os.environ["RANK"]), int(os.environ.get("LOCAL_RANK", "0"))
+    rank, local_rank, local_world = (int(os.environ.get(k, "0")) for k in ("RANK", "LOCAL_RANK", "LOCAL_WORLD_SIZE"))
     if args.batch_size % world:  # said once, by rank 0; every process stops
-        raise SystemExit(1 if rank else f"--batch-size {args.batch_size} is the global batch and must divide evenly among the "
-                         f"{world} processes; use a multiple of {world}, e.g. --batch-size {max(world, args.batch_size // world * world)}")  # fmt: skip
-    if use_cuda and torch.cuda.device_count() < int(os.environ.get("LOCAL_WORLD_SIZE", "1")):
-        raise SystemExit(1 if rank else f"{os.environ.get('LOCAL_WORLD_SIZE')} processes per node but {torch.cuda.device_count()} "
-                         f"GPU(s): start at most one per GPU (torchrun --nproc-per-node), or add --no-cuda to train on CPU with gloo")  # fmt: skip
+        why = f"--batch-size {args.batch_size} is the global batch and must divide evenly among the {world} processes"
+        raise SystemExit(1 if rank else f"{why}; e.g. --batch-size {max(world, args.batch_size // world * world)}")
+    if use_cuda and torch.cuda.device_count() < local_world:
+        why = f"{local_world} processes per node but {torch.cuda.device_count()} GPU(s)"
+        raise SystemExit(1 if rank else f"{why}: start one per GPU, or add --no-cuda to train on CPU with gloo")
     device = torch.device("cuda", local_rank) if use_cuda else torch.device("cpu")
     if use_cuda:
         torch.cuda.set_device(device)
-    dist.init_process_group("nccl" if use_cuda else "gloo", timeout=datetime.timedelta(hours=2))  # rank 0 evaluates meanwhile
+    timeout = datetime.timedelta(hours=2)  # the others wait while rank 0 evaluates
+    dist.init_process_group("nccl" if use_cuda else "gloo", timeout=timeout)
     return rank, world, device
 
 
+def agree(first_bad: torch.Tensor, logs: Dict[str, torch.Tensor], world: int):
+    """At a log/eval/save step every process learns the first non-finite step of any process and the mean losses."""
+    if world > 1:
+        first_bad, logs = first_bad.clone(), {k: v.clone() for k, v in logs.items()}
+        dist.all_reduce(first_bad, op=dist.ReduceOp.MAX)  # -1 where none was bad
+        for value in logs.values():
+            dist.all_reduce(value)
+            value /= world
+    return first_bad, logs
+
+
 def check_args(args: Args):
-    problems = [f"--{name.replace('_', '-')} must be positive" for name in
-                ("total_steps", "batch_size", "log_interval", "eval_interval", "eval_episodes", "save_interval")
-                if getattr(args, name) <= 0]  # fmt: skip
+    names = ("total_steps", "batch_size", "log_interval", "eval_interval", "eval_episodes", "save_interval")
+    problems = [f"--{name.replace('_', '-')} must be positive" for name in names if getattr(args, name) <= 0]
     if args.capture_video and not os.environ.get("DISPLAY") and os.environ.get("MUJOCO_GL") not in ("egl", "osmesa"):
-        problems.append("--capture-video without a display needs headless MuJoCo rendering chosen before Python "
-                        "starts: MUJOCO_GL=egl python nf_gcbc.py ... (or MUJOCO_GL=osmesa)")  # fmt: skip
+        problems.append(
+            "--capture-video without a display needs headless MuJoCo rendering chosen before Python "
+            "starts: MUJOCO_GL=egl python nf_gcbc.py ... (or MUJOCO_GL=osmesa)"
+        )
     if not 0 < args.gamma < 1:
         problems.append("--gamma must lie in (0, 1)")
     if args.noise_std < 0:
@@ -338,164 +458,90 @@ def check_args(args: Args):
         raise SystemExit("; ".join(problems))
 
 
-def train_step(model, optimizer, scheduler, train, args: Args, rank: int, world: int, rng) -> torch.Tensor:
-    """One AdamW step on -log p(a + noise | s, g). Every process draws the same global batch and noise from the
-    run's seed and trains on its own share; DDP averages the gradients, so N processes take the same steps as
-    one process with the whole batch. Returns this process's loss."""
-    obs, actions, goals = train.sample(args.batch_size, args.gamma, rng)
-    actions = actions + args.noise_std * torch.randn_like(actions)
-    share = slice(rank * args.batch_size // world, (rank + 1) * args.batch_size // world)
-    loss = -model(obs[share], goals[share], actions[share]).mean()
-    optimizer.zero_grad(set_to_none=True)
-    loss.backward()
-    optimizer.step()
-    scheduler.step()
-    return loss
-
-
-def agree(first_bad_step: torch.Tensor, loss: torch.Tensor, world: int):
-    """At a log/eval/save step every process learns the earliest non-finite step of any process and the mean loss."""
-    if world > 1:
-        first_bad_step = first_bad_step.clone()
-        dist.all_reduce(first_bad_step, op=dist.ReduceOp.MAX)  # -1 where none was bad
-        loss = loss.detach().clone()
-        dist.all_reduce(loss)
-        loss = loss / world
-    return first_bad_step, loss
+# -------------------------------------------------------------------------------------------------- main
 
 
 def main(args: Args):
-    checkpoint = None
+    checkpoint = path = None
     if args.resume is not None:
-        path = find_checkpoint(args.resume)
-        try:
-            checkpoint = torch.load(path, map_location="cpu", weights_only=True)
-        except Exception as err:
-            raise SystemExit(f"--resume {path}: not a readable checkpoint ({type(err).__name__}: {err})")
+        checkpoint, path = load_checkpoint(args.resume)
         args = dataclasses.replace(Args(**checkpoint["args"]), resume=args.resume)
-        run_dir = os.path.dirname(os.path.dirname(path))
-    else:
-        run_dir = os.path.join(args.output_dir, f"{args.env_id}__{args.exp_name}__{args.seed}__{int(time.time())}")
     check_args(args)
     rank, world, device = init_distributed(args)
     is_main = rank == 0  # the only process that evaluates, logs and saves
     torch.manual_seed(args.seed)
     rng = np.random.default_rng(args.seed)
 
-    env, train_data, val_data = load_ogbench(args.env_id, args.dataset_dir)
+    env, train_data, val_data = load_ogbench(args.env_id, args.dataset_dir, singletask=False)
     train, val = GoalDataset(train_data, device), GoalDataset(val_data, device)
-    obs_dim, action_dim = train.observations.shape[1], train.actions.shape[1]
     num_tasks = len(env.unwrapped.task_infos)
     render = dict(render_mode="rgb_array", width=200, height=200) if args.capture_video else {}
-    envs = [ogbench.make_env_and_datasets(args.env_id, env_only=True, **render) for _ in range(args.eval_episodes if is_main else 0)]
+    envs = [
+        ogbench.make_env_and_datasets(args.env_id, env_only=True, **render) for _ in range(args.eval_episodes * is_main)
+    ]
 
-    policy = (FlowPolicy if args.policy == "flow" else GaussianPolicy)(obs_dim, action_dim, args).to(device)
+    policy_class = FlowPolicy if args.policy == "flow" else GaussianPolicy
+    policy = policy_class(train.observations.shape[1], train.actions.shape[1], args).to(device)
     # fused: one kernel for all parameter tensors (on CPU ~5x faster than the default per-tensor loop)
-    optimizer = torch.optim.AdamW(policy.parameters(), lr=args.learning_rate, weight_decay=args.weight_decay, fused=True)
+    optimizer = torch.optim.AdamW(
+        policy.parameters(), lr=args.learning_rate, weight_decay=args.weight_decay, fused=True
+    )
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: lr_factor(step, args))
     start_step = 0
     if checkpoint is not None:
-        policy.load_state_dict(checkpoint["policy"])
-        optimizer.load_state_dict(checkpoint["optimizer"])
-        scheduler.load_state_dict(checkpoint["scheduler"])
-        torch.set_rng_state(checkpoint["torch_rng"])
-        rng.bit_generator.state = json.loads(checkpoint["numpy_rng"])
+        for part, key in ((policy, "policy"), (optimizer, "optimizer"), (scheduler, "scheduler")):
+            part.load_state_dict(checkpoint[key])
+        restore_rng(checkpoint, rng)
         start_step = checkpoint["step"]
-        if is_main:
-            print(f"resumed {run_dir} at step {start_step}")
-
     model = policy  # what the training step calls: the policy, or its DDP wrapper that averages gradients
-    if world > 1:
-        model = DistributedDataParallel(policy, device_ids=[device.index] if device.type == "cuda" else None,
-                                        broadcast_buffers=False)  # the buffers are constants
+    if world > 1:  # the buffers are constants: no need to broadcast them
+        device_ids = [device.index] if device.type == "cuda" else None
+        model = DistributedDataParallel(policy, device_ids=device_ids, broadcast_buffers=False)
     if args.compile:  # the training step's model as one graph; evaluation stays eager
         model = torch.compile(model)
-    if checkpoint is None:
-        shared = [claim_run_dir(run_dir) if is_main else None]
-        if world > 1:
-            dist.broadcast_object_list(shared)
-        run_dir = shared[0]
-    if is_main:  # the only process that writes: run directory, logs, evaluations and checkpoints
-        os.makedirs(os.path.join(run_dir, "checkpoints"), exist_ok=True)
-        video_dir = os.path.join(run_dir, "videos") if args.capture_video else None
-        if video_dir:
-            os.makedirs(video_dir, exist_ok=True)
-        with open(os.path.join(run_dir, "args.json"), "w") as f:
-            json.dump(dataclasses.asdict(args), f, indent=2)
-        writer = SummaryWriter(run_dir, purge_step=start_step or None)
-        if args.track:
-            import wandb
 
-            wandb.init(project=args.wandb_project_name, entity=args.wandb_entity, config=dataclasses.asdict(args),
-                       name=os.path.basename(run_dir), dir=run_dir, sync_tensorboard=True)  # fmt: skip
-        csv_path = os.path.join(run_dir, "eval.csv")
+    run_dir = run_directory(args, path) if is_main else None
+    if is_main:
         fields = ["step", "wall_time", "val_nll"] + [f"task{t}_success" for t in range(1, num_tasks + 1)] + ["success"]
-        kept = []  # on resume, the evaluations up to the checkpoint (later ones are redone, as purge_step does)
-        if start_step and os.path.exists(csv_path):
-            with open(csv_path, newline="") as f:
-                kept = [row for row in csv.reader(f)][1:]
-            kept = [row for row in kept if int(row[0]) <= start_step]
-        with open(csv_path, "w", newline="") as f:
-            csv.writer(f).writerows([fields] + kept)
-        print(f"{args.policy} policy, {sum(p.numel() for p in policy.parameters()):,} parameters, {len(train_data['actions']):,} "
-              f"transitions, device {device}" + (f" x {world} processes" if world > 1 else "") + f"; writing to {run_dir}")  # fmt: skip
+        log = RunLog(run_dir, args, fields, start_step)
+        size = (
+            f"{sum(p.numel() for p in policy.parameters()):,} parameters, {train.size:,} transitions, device {device}"
+        )
+        where = f"resumed {run_dir} at step {start_step}" if start_step else f"writing to {run_dir}"
+        print(f"{args.policy} policy, {size}" + (f" x {world} processes" if world > 1 else "") + f"; {where}")
+    obs, actions, goals = val.sample(1_024, args.gamma, np.random.default_rng(0))  # one fixed validation batch
+    noise = torch.randn(actions.shape, generator=torch.Generator(device).manual_seed(0), device=device)
+    val_batch = (obs, actions + args.noise_std * noise, goals)
 
-    val_obs, val_actions, val_goals = val.sample(1_024, args.gamma, np.random.default_rng(0))  # one fixed batch
-    val_noise = torch.randn(val_actions.shape, generator=torch.Generator(device).manual_seed(0), device=device)
-    val_actions = val_actions + args.noise_std * val_noise
-
-    def validation_nll():
-        with torch.no_grad():
-            return -policy.log_prob(val_obs, val_goals, val_actions).mean().item()
-
-    def run_evaluation(step):
-        stats = evaluate(policy, envs, num_tasks, args, device, step, video_dir)
-        stats["val_nll"] = validation_nll()
-        with open(csv_path, "a", newline="") as f:
-            csv.writer(f).writerow([step, round(time.time() - start_time, 1)] + [stats[k] for k in fields[2:]])
-        for k, v in stats.items():
-            writer.add_scalar(f"eval/{k}", v, step)
-        per_task = ", ".join(f"{stats[f'task{t}_success']:.2f}" for t in range(1, num_tasks + 1))
-        print(f"step {step}: success {stats['success']:.3f} ({per_task}), val NLL {stats['val_nll']:.3f}")
-
-    def save(step):
-        torch.save({"policy": policy.state_dict(), "optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(),
-                    "step": step, "args": dataclasses.asdict(args), "torch_rng": torch.get_rng_state(),
-                    "numpy_rng": json.dumps(rng.bit_generator.state)},
-                   os.path.join(run_dir, "checkpoints", f"step_{step}.pt"))  # fmt: skip
-
-    start_time = time.time()
     if start_step == 0 and is_main:
-        run_evaluation(0)
-    first_bad_step = torch.tensor(-1, device=device)  # first non-finite loss, tracked without a host sync
-    last_log_time, last_log_step = time.time(), start_step
-    for step in tqdm(range(start_step + 1, args.total_steps + 1), initial=start_step, total=args.total_steps, smoothing=0.05,
-                     disable=not is_main):
-        loss = train_step(model, optimizer, scheduler, train, args, rank, world, rng)
-        first_bad_step = torch.where((first_bad_step < 0) & ~torch.isfinite(loss), step, first_bad_step)
+        log.evaluation(0, evaluate(policy, envs, val_batch, args, device, 0, log.video_dir))
+    first_bad = torch.tensor(-1, device=device)
+    share = slice(rank * args.batch_size // world, (rank + 1) * args.batch_size // world)  # this process's rows
+    steps = range(start_step + 1, args.total_steps + 1)
+    for step in tqdm(steps, initial=start_step, total=args.total_steps, smoothing=0.05, disable=not is_main):
+        batch = train.sample(args.batch_size, args.gamma, rng)  # the global batch, the same in every process
+        logs = update(model, optimizer, scheduler, batch, noise_std=args.noise_std, share=share)
+        first_bad = non_finite_step(first_bad, step, logs)
 
         last = step == args.total_steps
-        if any(step % n == 0 for n in (args.log_interval, args.eval_interval, args.save_interval)) or last:
-            first_bad_step, loss = agree(first_bad_step, loss, world)
-            if first_bad_step.item() >= 0:  # before anything logs, evaluates or saves a broken policy; said by rank 0
-                raise SystemExit(1 if rank else f"non-finite training loss at step {first_bad_step.item()}; stopping "
-                                 f"(try a lower --learning-rate or a larger --noise-std)")  # fmt: skip
+        intervals = (args.log_interval, args.eval_interval, args.save_interval)
+        log_now, eval_now, save_now = (step % n == 0 or last for n in intervals)
+        if log_now or eval_now or save_now:  # before anything logs, evaluates or saves a broken policy
+            first_bad, logs = agree(first_bad, logs, world)
+            if first_bad.item() >= 0:  # said once, by rank 0
+                why = f"non-finite training loss at step {first_bad.item()}; stopping"
+                raise SystemExit(1 if rank else f"{why} (try a lower --learning-rate or a larger --noise-std)")
         if not is_main:
             continue  # the other processes only train (their share of each batch)
-        if step % args.log_interval == 0 or last:
-            speed = (step - last_log_step) / (time.time() - last_log_time)
-            last_log_time, last_log_step = time.time(), step
-            writer.add_scalar("train/nll", loss.item(), step)
-            writer.add_scalar("train/lr", scheduler.get_last_lr()[0], step)
-            writer.add_scalar("perf/steps_per_second", speed, step)
-        if step % args.eval_interval == 0 or last:
-            run_evaluation(step)
-        if step % args.save_interval == 0 or last:
-            save(step)
+        if log_now:
+            log.scalars(step, dict(logs, lr=scheduler.get_last_lr()[0]))
+        if eval_now:
+            log.evaluation(step, evaluate(policy, envs, val_batch, args, device, step, log.video_dir))
+        if save_now:
+            state = dict(policy=policy.state_dict(), optimizer=optimizer.state_dict(), scheduler=scheduler.state_dict())
+            save_checkpoint(run_dir, step, dict(state, step=step), args, rng)
     if is_main:
-        writer.close()
-        if args.track:
-            wandb.finish()
+        log.close()
     if world > 1:
         dist.destroy_process_group()
     return run_dir, policy

@@ -40,13 +40,13 @@ class Args:
 def load(path: str):
     checkpoint = torch.load(nf_bc.find_checkpoint(path), map_location="cpu", weights_only=True)
     args = nf_bc.Args(**checkpoint["args"])
-    train, _, make_env, _, _ = nf_bc.load_task(args)
+    train, _, envs, _, _ = nf_bc.load_task(args, num_envs=1)
     if "goal_ijs" not in train:
         raise SystemExit(f"{path}: this picture is for make_dataset.py's multigoal tasks (it draws the maze and goals)")
     policy_class = nf_bc.FlowPolicy if args.policy == "flow" else nf_bc.GaussianPolicy
     policy = policy_class(train["observations"].shape[1], train["actions"].shape[1], args)
     policy.load_state_dict(checkpoint["policy"])
-    return args, train, make_env, policy.eval()
+    return args, train, envs[0], policy.eval()
 
 
 def rollout(policy, env, args, seed: int, generator):
@@ -84,8 +84,7 @@ def draw_maze(ax, env, train):
 @torch.no_grad()
 def main(args: Args):
     runs = {"flow": load(args.flow), "gaussian": load(args.gaussian)}
-    run_args, train, make_env, _ = runs["flow"]
-    env = make_env()
+    run_args, train, env, _ = runs["flow"]
     ends = np.flatnonzero(train["terminals"])
     starts = np.r_[0, ends[:-1] + 1]
     fig, axes = plt.subplots(1, 4, figsize=(20, 5))
@@ -133,8 +132,10 @@ def main(args: Args):
             ax.plot(*path.T, lw=1, alpha=0.7)
             ax.scatter(*path[-1], s=15, c="tab:green" if success else "tab:red", zorder=3)
         ax.set_title(f"{name} rollouts: {reached.sum()}/{args.rollouts} reach a goal")
-        print(f"{name}: {reached.sum()}/{args.rollouts} reach a goal; per goal {reached.tolist()} "
-              f"(cells {train['goal_ijs'].tolist()}); steps to a goal: mean {np.mean(lengths) if lengths else float('nan'):.1f}")
+        print(
+            f"{name}: {reached.sum()}/{args.rollouts} reach a goal; per goal {reached.tolist()} "
+            f"(cells {train['goal_ijs'].tolist()}); steps to a goal: mean {np.mean(lengths) if lengths else float('nan'):.1f}"
+        )
     fig.tight_layout()
     fig.savefig(args.out, dpi=110)
     print(f"wrote {args.out}")

@@ -23,7 +23,11 @@ QUICK = ["--total-steps", "6", "--batch-size", "16", "--log-interval", "2", "--e
 @pytest.fixture(scope="module")
 def npz_dir(tmp_path_factory):
     path = tmp_path_factory.mktemp("npz")
-    make_dataset.make_dataset(make_dataset.Args(env_name="pointmaze-medium-multigoal-v0", dataset_dir=str(path), num_episodes=10, num_workers=1))
+    make_dataset.make_dataset(
+        make_dataset.Args(
+            env_name="pointmaze-medium-multigoal-v0", dataset_dir=str(path), num_episodes=10, num_workers=1
+        )
+    )
     return str(path)
 
 
@@ -31,7 +35,14 @@ def source_args(source, npz_dir, pointmaze_dir):
     if source == "npz":
         return ["--source", "npz", "--env-id", "pointmaze-medium-multigoal-v0", "--dataset-dir", npz_dir]
     if source == "ogbench":
-        return ["--source", "ogbench", "--env-id", "pointmaze-medium-navigate-singletask-task1-v0", "--dataset-dir", pointmaze_dir]
+        return [
+            "--source",
+            "ogbench",
+            "--env-id",
+            "pointmaze-medium-navigate-singletask-task1-v0",
+            "--dataset-dir",
+            pointmaze_dir,
+        ]
     return ["--source", "minari", "--env-id", MINARI_ID]
 
 
@@ -51,7 +62,9 @@ def rows(run_dir):
 @pytest.mark.parametrize("policy", ["flow", "gaussian"])
 @pytest.mark.parametrize("source", ["npz", "ogbench", "minari"])
 def test_each_source_trains_evaluates_and_reloads(tmp_path, npz_dir, pointmaze_dir, minari_dir, source, policy):
-    run_dir, trained = run(source_args(source, npz_dir, pointmaze_dir) + ["--output-dir", str(tmp_path), "--policy", policy] + QUICK)
+    run_dir, trained = run(
+        source_args(source, npz_dir, pointmaze_dir) + ["--output-dir", str(tmp_path), "--policy", policy] + QUICK
+    )
     evaluations = rows(run_dir)
     assert [int(r["step"]) for r in evaluations] == [0, 3, 6]
     defined = {"npz": ["val_nll", "return", "success"], "ogbench": ["val_nll", "return", "success"],
@@ -85,7 +98,15 @@ def test_chunks_and_histories_stay_inside_their_episode():
             "terminals": np.array([0, 0, 1, 0, 0, 0, 1], bool)}  # episodes 0-2 and 3-6  # fmt: skip
     dataset = nf_bc.ChunkDataset(data, obs_horizon=3, action_horizon=3, device=torch.device("cpu"))
     assert dataset.obs_index.tolist() == [[0, 0, 0], [0, 0, 1], [0, 1, 2], [3, 3, 3], [3, 3, 4], [3, 4, 5], [4, 5, 6]]
-    assert dataset.action_index.tolist() == [[0, 1, 2], [1, 2, 2], [2, 2, 2], [3, 4, 5], [4, 5, 6], [5, 6, 6], [6, 6, 6]]
+    assert dataset.action_index.tolist() == [
+        [0, 1, 2],
+        [1, 2, 2],
+        [2, 2, 2],
+        [3, 4, 5],
+        [4, 5, 6],
+        [5, 6, 6],
+        [6, 6, 6],
+    ]
     obs, actions = dataset.sample(5, np.random.default_rng(0))
     assert obs.shape == (5, 3, 1) and actions.shape == (5, 3, 1)
 
@@ -123,7 +144,7 @@ class ChunkOfIndices(torch.nn.Module):
 def test_evaluation_executes_the_first_m_actions_of_each_chunk():
     args = nf_bc.Args(obs_horizon=2, action_horizon=3, exec_horizon=2)
     envs, policy = [CountingEnv(), CountingEnv()], ChunkOfIndices()
-    stats = nf_bc.evaluate(policy, envs, envs[0].observation_space, args, torch.device("cpu"), 0, None, None)
+    stats = nf_bc.evaluate(policy, envs, envs[0].observation_space, None, args, torch.device("cpu"), 0, None, None)
     assert policy.calls == 3  # steps 0, 2 and 4 of a 5-step episode
     np.testing.assert_allclose(envs[0].actions, [0.0, 0.1, 1.0, 1.1, 2.0])
     assert policy.histories == [[0, 0], [1, 2], [3, 4]]  # the first observation repeated, then the last two
@@ -161,24 +182,53 @@ def test_plain_npz_without_an_environment_reports_validation_nll(tmp_path):
 def test_clear_errors(tmp_path, npz_dir, pointmaze_dir, minari_dir):
     out = ["--output-dir", str(tmp_path)] + QUICK
     cases = [
-        (["--source", "ogbench", "--env-id", "pointmaze-medium-navigate-v0", "--dataset-dir", pointmaze_dir], "singletask-task1-v0"),
-        (["--source", "ogbench", "--env-id", "pointmaze-medum-navigate-singletask-v0", "--dataset-dir", pointmaze_dir], "did you mean"),
-        (["--source", "ogbench", "--env-id", "pointmaze-large-navigate-singletask-v0", "--dataset-dir", str(tmp_path / "none")],
-         "python make_dataset.py pointmaze-large-navigate-v0"),
-        (["--env-id", "pointmaze-medium-multigoal-v0", "--dataset-dir", str(tmp_path / "none")],
-         "python make_dataset.py pointmaze-medium-multigoal-v0"),
+        (
+            ["--source", "ogbench", "--env-id", "pointmaze-medium-navigate-v0", "--dataset-dir", pointmaze_dir],
+            "singletask-task1-v0",
+        ),
+        (
+            [
+                "--source",
+                "ogbench",
+                "--env-id",
+                "pointmaze-medum-navigate-singletask-v0",
+                "--dataset-dir",
+                pointmaze_dir,
+            ],
+            "did you mean",
+        ),
+        (
+            [
+                "--source",
+                "ogbench",
+                "--env-id",
+                "pointmaze-large-navigate-singletask-v0",
+                "--dataset-dir",
+                str(tmp_path / "none"),
+            ],
+            "python make_dataset.py pointmaze-large-navigate-v0",
+        ),
+        (
+            ["--env-id", "pointmaze-medium-multigoal-v0", "--dataset-dir", str(tmp_path / "none")],
+            "python make_dataset.py pointmaze-medium-multigoal-v0",
+        ),
         (["--source", "minari", "--env-id", "mujoco/hopper/expert-v0"], "minari download mujoco/hopper/expert-v0"),
-        (["--source", "minari", "--env-id", "test/pendulum/randm-v0"], "Did you mean test/pendulum/random-v0"),
+        (["--source", "minari", "--env-id", "test/pendulum/randm-v0"], "did you mean test/pendulum/random-v0"),
         (source_args("npz", npz_dir, pointmaze_dir) + ["--exec-horizon", "4"], "cannot exceed --action-horizon"),
         (source_args("npz", npz_dir, pointmaze_dir) + ["--eval-env", "Pendulm-v1"], "did you mean Pendulum-v1"),
         (source_args("npz", npz_dir, pointmaze_dir) + ["--eval-env", "Pendulum-v1"], "1-D actions|2-D actions"),
-        (source_args("minari", npz_dir, pointmaze_dir) + ["--eval-env", "Pendulum-v1"], "--eval-env is for --source npz"),
+        (
+            source_args("minari", npz_dir, pointmaze_dir) + ["--eval-env", "Pendulum-v1"],
+            "--eval-env is for --source npz",
+        ),
         (source_args("npz", npz_dir, pointmaze_dir) + ["--learning-rate", "1e9"], "non-finite training loss at step"),
     ]
     for argv, message in cases:
         with pytest.raises(SystemExit, match=message):
             run(out + argv)  # the case's flags come last and win
-    np.savez(tmp_path / "broken.npz", observations=np.zeros((5, 2)), actions=np.zeros((4, 2)), terminals=np.ones(5, bool))
+    np.savez(
+        tmp_path / "broken.npz", observations=np.zeros((5, 2)), actions=np.zeros((4, 2)), terminals=np.ones(5, bool)
+    )
     with pytest.raises(SystemExit, match="must be"):
         run(["--env-id", "broken", "--dataset-dir", str(tmp_path)] + out)
     (tmp_path / "corrupt.npz").write_bytes(b"not a zip file")
@@ -189,7 +239,9 @@ def test_clear_errors(tmp_path, npz_dir, pointmaze_dir, minari_dir):
 def test_mode_picture_is_written(tmp_path, npz_dir, pointmaze_dir):
     import importlib.util
 
-    spec = importlib.util.spec_from_file_location("plot_bc_modes", f"{nf_bc.__file__[:-len('nf_bc.py')]}scripts/plot_bc_modes.py")
+    spec = importlib.util.spec_from_file_location(
+        "plot_bc_modes", f"{nf_bc.__file__[: -len('nf_bc.py')]}scripts/plot_bc_modes.py"
+    )
     plot = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(plot)
     base = source_args("npz", npz_dir, pointmaze_dir) + ["--output-dir", str(tmp_path)] + QUICK
@@ -200,16 +252,19 @@ def test_mode_picture_is_written(tmp_path, npz_dir, pointmaze_dir):
     assert out.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
 
 
-def test_runs_started_in_the_same_second_get_their_own_directories(tmp_path):
-    first = nf_bc.claim_run_dir(str(tmp_path / "run"))
-    second = nf_bc.claim_run_dir(str(tmp_path / "run"))
-    assert first != second and second.endswith("run_2")
+def test_runs_started_in_the_same_second_get_their_own_directories(tmp_path, monkeypatch):
+    monkeypatch.setattr(nf_bc.time, "time", lambda: 1_000.0)
+    args = nf_bc.Args(output_dir=str(tmp_path), env_id="mujoco/hopper/expert-v0")
+    first, second = nf_bc.run_directory(args, None), nf_bc.run_directory(args, None)
+    assert first.endswith("mujoco-hopper-expert-v0__nf_bc__1__1000") and second == first + "_2"
 
 
 def test_dict_observations_flatten_the_same_for_a_step_and_an_episode():
     """Minari datasets such as Kitchen store dict observations; the env gives one step, the dataset a batch."""
     Box, Dict = gymnasium.spaces.Box, gymnasium.spaces.Dict
-    space = Dict({"observation": Box(-1, 1, (3,)), "desired_goal": Dict({"kettle": Box(-1, 1, (2,)), "light": Box(-1, 1, (1,))})})
+    space = Dict(
+        {"observation": Box(-1, 1, (3,)), "desired_goal": Dict({"kettle": Box(-1, 1, (2,)), "light": Box(-1, 1, (1,))})}
+    )
     episode = {"observation": np.arange(12.0).reshape(4, 3),
                "desired_goal": {"kettle": 100 + np.arange(8.0).reshape(4, 2), "light": 200 + np.arange(4.0)[:, None]}}  # fmt: skip
     flat = nf_bc.flatten_observation(space, episode)
