@@ -38,7 +38,9 @@ def rows(run_dir):
 @pytest.mark.parametrize("policy", ["flow", "gaussian"])
 @pytest.mark.parametrize("source", ["ogbench", "minari"])
 def test_offline_training_evaluates_and_reloads(tmp_path, pointmaze_dir, minari_dir, source, policy):
-    run_dir, actor = run(source_args(source, pointmaze_dir) + ["--output-dir", str(tmp_path), "--policy", policy] + QUICK)
+    run_dir, actor = run(
+        source_args(source, pointmaze_dir) + ["--output-dir", str(tmp_path), "--policy", policy] + QUICK
+    )
     evaluations = rows(run_dir)
     assert [int(r["step"]) for r in evaluations] == [0, 3, 6]
     defined = ["success", "return"] if source == "ogbench" else ["return", "score"]
@@ -83,12 +85,12 @@ def test_td_target_on_a_hand_built_batch(q_agg):
     batch = {"next_observations": torch.tensor([[1.0], [-2.0], [3.0]]), "rewards": torch.tensor([-1.0, 0.0, -1.0]),
              "masks": torch.tensor([1.0, 0.0, 1.0])}  # fmt: skip
     actor = FixedActor(torch.tensor([[0.5], [3.0], [-7.0]]))  # sampled next actions are clipped to [-1, 1]
-    args = nf_rlbc.Args(discount=0.9, q_agg=q_agg)
     # Q_1 = s + clip(a), Q_2 = 2 s + clip(a): s' = (1, -2, 3), clipped a' = (0.5, 1, -1)
     q1, q2 = np.array([1.5, -1.0, 2.0]), np.array([2.5, -3.0, 5.0])
     next_q = np.minimum(q1, q2) if q_agg == "min" else (q1 + q2) / 2
     expected = np.array([-1.0, 0.0, -1.0]) + 0.9 * np.array([1.0, 0.0, 1.0]) * next_q
-    np.testing.assert_allclose(nf_rlbc.td_target(actor, TableCritic(), batch, args).numpy(), expected, rtol=1e-6)
+    target = nf_rlbc.td_target(actor, TableCritic(), batch, discount=0.9, q_agg=q_agg)
+    np.testing.assert_allclose(target.numpy(), expected, rtol=1e-6)
 
 
 @pytest.mark.parametrize("policy", ["flow", "gaussian"])
@@ -113,11 +115,16 @@ def test_clear_errors(tmp_path, pointmaze_dir, minari_dir):
     out = ["--output-dir", str(tmp_path)] + QUICK
     cases = [
         (["--env-id", "pointmaze-medium-navigate-v0", "--dataset-dir", pointmaze_dir], "singletask-task1-v0"),
-        (["--env-id", "pointmaze-large-navigate-singletask-v0", "--dataset-dir", str(tmp_path / "none")],
-         "python make_dataset.py pointmaze-large-navigate-v0"),
+        (
+            ["--env-id", "pointmaze-large-navigate-singletask-v0", "--dataset-dir", str(tmp_path / "none")],
+            "python make_dataset.py pointmaze-large-navigate-v0",
+        ),
         (["--source", "minari", "--env-id", "mujoco/hopper/expert-v0"], "minari download mujoco/hopper/expert-v0"),
         (source_args("ogbench", pointmaze_dir) + ["--discount", "1.0"], "--discount"),
-        (source_args("ogbench", pointmaze_dir) + ["--learning-rate", "1e12"], "non-finite training loss at offline step"),
+        (
+            source_args("ogbench", pointmaze_dir) + ["--learning-rate", "1e12"],
+            "non-finite training loss at offline step",
+        ),
     ]
     for argv, message in cases:
         with pytest.raises(SystemExit, match=message):
@@ -126,10 +133,23 @@ def test_clear_errors(tmp_path, pointmaze_dir, minari_dir):
 
 @pytest.mark.parametrize("policy", ["flow", "gaussian"])
 def test_online_fine_tuning_grows_the_buffer_and_tunes_the_temperature(tmp_path, pointmaze_dir, policy):
-    argv = source_args("ogbench", pointmaze_dir) + ["--output-dir", str(tmp_path), "--policy", policy, "--online-steps", "6"]
+    argv = source_args("ogbench", pointmaze_dir) + [
+        "--output-dir",
+        str(tmp_path),
+        "--policy",
+        policy,
+        "--online-steps",
+        "6",
+    ]
     run_dir, _ = run(argv + QUICK)
     evaluations = rows(run_dir)
-    assert [(int(r["step"]), int(r["env_steps"])) for r in evaluations] == [(0, 0), (3, 0), (6, 0), (6, 3), (6, 6)]
+    assert [(int(r["step"]), int(r["env_steps"])) for r in evaluations] == [
+        (0, 0),
+        (3, 0),
+        (6, 0),
+        (9, 3),
+        (12, 6),
+    ]  # one step axis
     assert all(math.isfinite(float(r["success"])) for r in evaluations)
     checkpoint = torch.load(f"{run_dir}/checkpoints/step_12.pt", weights_only=True)
     online = checkpoint["online_transitions"]
@@ -143,12 +163,25 @@ def test_online_fine_tuning_grows_the_buffer_and_tunes_the_temperature(tmp_path,
     run(["--resume", f"{copy}/checkpoints/step_9.pt"])
     resumed = torch.load(f"{copy}/checkpoints/step_12.pt", weights_only=True)["online_transitions"]
     torch.testing.assert_close(resumed["observations"][:3], online["observations"][:3], rtol=0, atol=0)
-    assert [(int(r["step"]), int(r["env_steps"])) for r in rows(copy)] == [(0, 0), (3, 0), (6, 0), (6, 3), (6, 6)]
+    assert [(int(r["step"]), int(r["env_steps"])) for r in rows(copy)] == [
+        (0, 0),
+        (3, 0),
+        (6, 0),
+        (9, 3),
+        (12, 6),
+    ]  # one step axis
 
 
 def test_online_bc_weight_flags(tmp_path, pointmaze_dir):
     for mode in ("keep", "off"):
-        argv = source_args("ogbench", pointmaze_dir) + ["--output-dir", str(tmp_path / mode), "--online-steps", "2", "--online-bc", mode]
+        argv = source_args("ogbench", pointmaze_dir) + [
+            "--output-dir",
+            str(tmp_path / mode),
+            "--online-steps",
+            "2",
+            "--online-bc",
+            mode,
+        ]
         run_dir, _ = run(argv + QUICK)
         assert int(rows(run_dir)[-1]["env_steps"]) == 2
 
@@ -173,7 +206,7 @@ def test_finetune_from_starts_online_from_an_offline_run(tmp_path, pointmaze_dir
     online = ["--finetune-from", offline_dir, "--online-steps", "4", "--online-bc", "keep", "--learning-rate", "3e-4"]
     run_dir, actor = run(data + ["--output-dir", str(tmp_path / "online")] + QUICK + online + ["--eval-interval", "2"])
     # the offline phase is skipped; its end is evaluated again as the online phase's start
-    assert [(int(r["step"]), int(r["env_steps"])) for r in rows(run_dir)] == [(6, 0), (6, 2), (6, 4)]
+    assert [(int(r["step"]), int(r["env_steps"])) for r in rows(run_dir)] == [(6, 0), (8, 2), (10, 4)]
     checkpoint = torch.load(f"{run_dir}/checkpoints/step_10.pt", weights_only=True)
     assert checkpoint["env_steps"] == 4 and checkpoint["args"]["total_steps"] == 6
     assert checkpoint["actor_optimizer"]["param_groups"][0]["lr"] == 3e-4  # this command's, not the offline run's
@@ -182,7 +215,7 @@ def test_finetune_from_starts_online_from_an_offline_run(tmp_path, pointmaze_dir
     copy = str(tmp_path / "copy")
     shutil.copytree(run_dir, copy)
     run(["--resume", f"{copy}/checkpoints/step_9.pt"])
-    assert [(int(r["step"]), int(r["env_steps"])) for r in rows(copy)] == [(6, 0), (6, 2), (6, 4)]
+    assert [(int(r["step"]), int(r["env_steps"])) for r in rows(copy)] == [(6, 0), (8, 2), (10, 4)]
     for argv, message in [
         (online + ["--encoder-dim", "64"], "was trained with --encoder-dim 512; pass the same"),
         (["--finetune-from", offline_dir], "give it --online-steps"),
@@ -197,7 +230,7 @@ def test_finetune_from_starts_online_from_an_offline_run(tmp_path, pointmaze_dir
 
 def test_value_picture_prints_v_at_the_start_and_the_given_points(tmp_path, pointmaze_dir, capsys):
     run_dir, _ = run(source_args("ogbench", pointmaze_dir) + ["--output-dir", str(tmp_path)] + QUICK)
-    path = f"{nf_rlbc.__file__[:-len('nf_rlbc.py')]}scripts/plot_rlbc_values.py"
+    path = f"{nf_rlbc.__file__[: -len('nf_rlbc.py')]}scripts/plot_rlbc_values.py"
     spec = importlib.util.spec_from_file_location("plot_rlbc_values", path)
     plot = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(plot)
