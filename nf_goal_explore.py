@@ -22,13 +22,14 @@ replay buffer, visit counts, RNG states) and videos/.
 import csv
 import dataclasses
 import difflib
+import functools
 import glob
 import json
 import math
 import os
 import time
 from dataclasses import dataclass
-from typing import Dict, Literal, Optional
+from typing import Dict, List, Literal, Optional
 
 import gymnasium
 import numpy as np
@@ -141,7 +142,170 @@ class Args:
     """commanded goals drawn on the heat map (the most recent)"""
 
 
-# ------------------------------------------------------------------------------------------------ data
+# ---------------------------------------------------------------------------------------------- networks
+
+
+def mlp(sizes, activation, layer_norm: bool) -> nn.Sequential:
+    """Linear layers of the given sizes with the activation (then LayerNorm, if asked) between them."""
+    layers = []
+    for i in range(len(sizes) - 2):
+        layers += [nn.Linear(sizes[i], sizes[i + 1]), activation()]
+        layers += [nn.LayerNorm(sizes[i + 1])] if layer_norm else []
+    return nn.Sequential(*layers, nn.Linear(sizes[-2], sizes[-1]))
+
+
+class XYScaled(nn.Module):
+    """Holds the maze's x-y centre and half-extent as buffers: x-y coordinates (goals, and the first two
+    observation dims) enter the networks in [-1, 1], so a checkpoint works in the environment's units."""
+
+    def __init__(self, geometry: Optional["MazeGeometry"] = None):
+        super().__init__()
+        self.register_buffer(
+            "xy_center", torch.zeros(2) if geometry is None else torch.tensor(geometry.center, dtype=torch.float32)
+        )
+        self.register_buffer(
+            "xy_half", torch.ones(2) if geometry is None else torch.tensor(geometry.half, dtype=torch.float32)
+        )
+
+    def scale_xy(self, xy):
+        return (xy - self.xy_center) / self.xy_half
+
+    def scale_obs(self, obs):
+        return torch.cat([self.scale_xy(obs[:, :2]), obs[:, 2:]], -1)
+
+
+class FlowDensity(XYScaled):
+    """log p(g | s, a): a flow over the 2-D goal conditioned on a (state, action) encoder; a zero condition
+    gives the marginal density of reached goals."""
+
+    def __init__(self, obs_dim: int, action_dim: int, args: Args, geometry: Optional["MazeGeometry"] = None):
+        super().__init__(geometry)
+        self.encoder = mlp([obs_dim + action_dim] + [args.encoder_dim] * 4 + [args.rep_dim], nn.SiLU, layer_norm=True)
+        self.flow = ConditionalFlow(2, args.rep_dim, args.num_blocks, args.hidden_dim)
+
+    def condition(self, obs, actions):
+        return self.encoder(torch.cat([self.scale_obs(obs), actions], -1))
+
+    def log_prob(self, goals, cond):
+        return self.flow.log_prob(self.scale_xy(goals), cond)
+
+
+class GaussianDensity(XYScaled):
+    """The same encoder, then a linear head to the mean and log-std (clamped to [-5, 2]) of a diagonal
+    Gaussian over the goal; a zero condition leaves the head's bias: one Gaussian over reached goals."""
+
+    def __init__(self, obs_dim: int, action_dim: int, args: Args, geometry: Optional["MazeGeometry"] = None):
+        super().__init__(geometry)
+        self.encoder = mlp([obs_dim + action_dim] + [args.encoder_dim] * 4 + [args.rep_dim], nn.SiLU, layer_norm=True)
+        self.head = nn.Linear(args.rep_dim, 4)
+
+    def condition(self, obs, actions):
+        return self.encoder(torch.cat([self.scale_obs(obs), actions], -1))
+
+    def log_prob(self, goals, cond):
+        mean, log_std = self.head(cond).chunk(2, -1)
+        return torch.distributions.Normal(mean, log_std.clamp(-5, 2).exp()).log_prob(self.scale_xy(goals)).sum(-1)
+
+
+class Actor(XYScaled):
+    """pi(a | s, g): a tanh-Gaussian (4 hidden layers, SiLU, LayerNorm; log-std squashed into [-5, 2])."""
+
+    def __init__(self, obs_dim: int, action_dim: int, args: Args, geometry: Optional["MazeGeometry"] = None):
+        super().__init__(geometry)
+        self.net = mlp([obs_dim + 2] + [args.actor_dim] * 4 + [2 * action_dim], nn.SiLU, layer_norm=True)
+
+    def forward(self, obs, goals):
+        mean, log_std = self.net(torch.cat([self.scale_obs(obs), self.scale_xy(goals)], -1)).chunk(2, -1)
+        return mean, -5 + 3.5 * (torch.tanh(log_std) + 1)
+
+    def sample(self, obs, goals):
+        """Reparameterised actions in (-1, 1) and their log-density (with the tanh correction)."""
+        mean, log_std = self(obs, goals)
+        u = mean + log_std.exp() * torch.randn_like(mean)
+        actions = torch.tanh(u)
+        log_prob = torch.distributions.Normal(mean, log_std.exp()).log_prob(u) - torch.log(1 - actions.square() + 1e-6)
+        return actions, log_prob.sum(-1)
+
+    def act(self, obs, goals):
+        return torch.tanh(self(obs, goals)[0])
+
+
+# --------------------------------------------------------------------------------------------- algorithm
+
+
+def update(
+    batch,
+    *,
+    density,
+    actor,
+    optimizers,
+    log_temperature,
+    condition_drop: float,
+    goal_noise: float,
+    target_entropy: float,
+) -> Dict[str, torch.Tensor]:
+    """One density (critic) step, one actor step and one temperature step on a batch of hindsight goals
+    (observations, actions, goals = the x-y of a later state of the same episode). Returns tensors for logging."""
+    # density (the critic): NLL of noised future goals; a dropped condition (zeros) learns the marginal p(g)
+    cond = density.condition(batch["observations"], batch["actions"])
+    keep = (torch.rand(len(cond), 1, device=cond.device) >= condition_drop).float()
+    noisy_goals = batch["goals"] + goal_noise * torch.randn_like(batch["goals"])
+    density_loss = -density.log_prob(noisy_goals, cond * keep).mean()
+    optimizers["density"].zero_grad(set_to_none=True)
+    density_loss.backward()
+    optimizers["density"].step()
+
+    # actor: maximise log p(g | s, a) of its own reparameterised actions, minus temperature * log pi
+    actions, log_prob = actor.sample(batch["observations"], batch["goals"])
+    density.requires_grad_(False)  # the actor's gradient flows through the density, not into its weights
+    log_occupancy = density.log_prob(batch["goals"], density.condition(batch["observations"], actions))
+    density.requires_grad_(True)
+    temperature = log_temperature.detach().exp()
+    actor_loss = (temperature * log_prob - log_occupancy).mean()
+    optimizers["actor"].zero_grad(set_to_none=True)
+    actor_loss.backward()
+    optimizers["actor"].step()
+
+    # temperature: toward the target entropy
+    temperature_loss = -(log_temperature * (log_prob.detach() + target_entropy)).mean()
+    optimizers["temperature"].zero_grad(set_to_none=True)
+    temperature_loss.backward()
+    optimizers["temperature"].step()
+    logs = dict(
+        density_loss=density_loss, actor_loss=actor_loss, log_occupancy=log_occupancy.mean(), entropy=-log_prob.mean()
+    )
+    return {k: v.detach() for k, v in logs.items()} | {"temperature": temperature}
+
+
+@torch.no_grad()
+def marginal_log_density(density, goals: np.ndarray, rep_dim: int) -> np.ndarray:
+    """log p(g) of x-y goals [M, 2]: the density under the dropped (zero) condition."""
+    goals = torch.as_tensor(goals, dtype=torch.float32, device=density.xy_center.device)
+    return density.log_prob(goals, torch.zeros(len(goals), rep_dim, device=goals.device)).cpu().numpy()
+
+
+def select_goals(
+    strategy: str, candidates: np.ndarray, log_density, oracle_goals: np.ndarray, rng: np.random.Generator
+) -> np.ndarray:
+    """One goal per environment from candidates [N, C, 2]: the lowest log_density ([M, 2] -> [M]), the first
+    (candidates are already uniform draws), or a random evaluation goal."""
+    n = len(candidates)
+    if strategy == "min-density":
+        scores = np.asarray(log_density(candidates.reshape(-1, 2))).reshape(n, -1)
+        return candidates[np.arange(n), scores.argmin(1)]
+    if strategy == "uniform":
+        return candidates[:, 0]
+    return oracle_goals[rng.integers(len(oracle_goals), size=n)]
+
+
+def pick_goals(buffer, density, args: Args, task_goals: np.ndarray, rng: np.random.Generator) -> np.ndarray:
+    """A goal for each environment, chosen by --goal-strategy among --num-candidates states from the buffer."""
+    candidates = buffer.sample_states(args.num_envs * args.num_candidates, rng).reshape(args.num_envs, -1, 2)
+    log_density = functools.partial(marginal_log_density, density, rep_dim=args.rep_dim)
+    return select_goals(args.goal_strategy, candidates, log_density, task_goals, rng)
+
+
+# -------------------------------------------------------------------------------------------------- data
 
 
 class TrajectoryBuffer:
@@ -151,8 +315,8 @@ class TrajectoryBuffer:
     def __init__(self, capacity: int, length: int, obs_dim: int, action_dim: int, num_envs: int):
         rows = capacity // length
         if rows < 2 * num_envs:
-            raise SystemExit(f"--buffer-size {capacity} holds {rows} episodes of {length} steps; it needs at least "
-                             f"2 x num_envs = {2 * num_envs} (raise --buffer-size to {2 * num_envs * length})")  # fmt: skip
+            why = f"--buffer-size {capacity} holds {rows} episodes of {length} steps, fewer than 2 x num_envs"
+            raise SystemExit(f"{why} = {2 * num_envs} (raise --buffer-size to {2 * num_envs * length})")
         self.observations = np.zeros((rows, length + 1, obs_dim), np.float32)
         self.actions = np.zeros((rows, length, action_dim), np.float32)
         self.lengths = np.zeros(rows, np.int64)  # transitions stored in each row
@@ -180,8 +344,8 @@ class TrajectoryBuffer:
         u = rng.random(batch_size)  # inverse CDF of the geometric truncated to 1..left
         k = 1 + np.floor(np.log1p(-u * (1 - discount**left)) / math.log(discount)).astype(np.int64)
         k = np.clip(k, 1, left)
-        return {"observations": self.observations[rows, t], "actions": self.actions[rows, t],
-                "goals": self.observations[rows, t + k, :2]}  # fmt: skip
+        goals = self.observations[rows, t + k, :2]
+        return {"observations": self.observations[rows, t], "actions": self.actions[rows, t], "goals": goals}
 
     def sample_states(self, n: int, rng: np.random.Generator) -> np.ndarray:
         """x-y of n stored observations, uniformly."""
@@ -193,26 +357,20 @@ class TrajectoryBuffer:
 
     def state_dict(self) -> Dict[str, torch.Tensor]:
         used = slice(0, min(self.episodes, len(self.lengths)))
-        return {"observations": torch.from_numpy(self.observations[used].copy()), "actions": torch.from_numpy(self.actions[used].copy()),
-                "lengths": torch.from_numpy(self.lengths[used].copy()), "episodes": self.episodes}  # fmt: skip
+        arrays = {"observations": self.observations, "actions": self.actions, "lengths": self.lengths}
+        return {k: torch.from_numpy(v[used].copy()) for k, v in arrays.items()} | {"episodes": self.episodes}
 
     def load_state_dict(self, state: Dict[str, torch.Tensor]):
         n = len(state["lengths"])
-        self.observations[:n], self.actions[:n], self.lengths[:n] = state["observations"], state["actions"], state["lengths"]
+        self.observations[:n], self.actions[:n], self.lengths[:n] = (
+            state["observations"],
+            state["actions"],
+            state["lengths"],
+        )
         self.episodes = int(state["episodes"])
-        self.rows = (self.episodes - len(self.rows) + np.arange(len(self.rows))) % len(self.lengths)  # the latest episodes
-
-
-def select_goals(strategy: str, candidates: np.ndarray, log_density, oracle_goals: np.ndarray, rng: np.random.Generator) -> np.ndarray:
-    """One goal per environment from candidates [N, C, 2]: the lowest log_density ([M, 2] -> [M]), the first
-    (candidates are already uniform draws), or a random evaluation goal."""
-    n = len(candidates)
-    if strategy == "min-density":
-        scores = np.asarray(log_density(candidates.reshape(-1, 2))).reshape(n, -1)
-        return candidates[np.arange(n), scores.argmin(1)]
-    if strategy == "uniform":
-        return candidates[:, 0]
-    return oracle_goals[rng.integers(len(oracle_goals), size=n)]
+        self.rows = (self.episodes - len(self.rows) + np.arange(len(self.rows))) % len(
+            self.lengths
+        )  # the latest episodes
 
 
 # ------------------------------------------------------------------------------ environment and evaluation
@@ -222,9 +380,11 @@ def make_maze(env_id: str, **kwargs):
     """An OGBench maze env; a clear error when the name is not one."""
     mazes = [k for k in gymnasium.registry if len(k.split("-")) == 3 and k.split("-")[0] in ("pointmaze", "antmaze")]
     if env_id not in mazes:
-        close = difflib.get_close_matches(env_id, mazes, n=3, cutoff=0.5)
-        raise SystemExit(f"unknown maze {env_id!r}: nf_goal_explore.py runs OGBench's point and ant mazes online "
-                         f"({', '.join(sorted(mazes))})" + (f"; did you mean {' or '.join(close)}?" if close else ""))  # fmt: skip
+        close, known = difflib.get_close_matches(env_id, mazes, n=3, cutoff=0.5), ", ".join(sorted(mazes))
+        hint = f"; did you mean {' or '.join(close)}?" if close else ""
+        raise SystemExit(
+            f"unknown maze {env_id!r}: this script runs OGBench's point and ant mazes online ({known}){hint}"
+        )
     return gymnasium.make(env_id, **kwargs)
 
 
@@ -268,8 +428,18 @@ def draw_heatmap(path: str, geometry: MazeGeometry, heat: np.ndarray, recent_goa
     image = ax.imshow(visits, origin="lower", extent=extent, cmap="viridis", interpolation="nearest")
     fig.colorbar(image, ax=ax, fraction=0.046, pad=0.04, label="log(1 + visits)")
     if len(recent_goals):
-        ax.scatter(recent_goals[:, 0], recent_goals[:, 1], marker="x", s=14, c="red", linewidths=1, label="commanded goals")
-    ax.scatter(geometry.task_goals[:, 0], geometry.task_goals[:, 1], marker="*", s=160, c="orange", edgecolors="k", label="evaluation goals")
+        ax.scatter(
+            recent_goals[:, 0], recent_goals[:, 1], marker="x", s=14, c="red", linewidths=1, label="commanded goals"
+        )
+    ax.scatter(
+        geometry.task_goals[:, 0],
+        geometry.task_goals[:, 1],
+        marker="*",
+        s=160,
+        c="orange",
+        edgecolors="k",
+        label="evaluation goals",
+    )
     start = geometry.task_starts[0]
     ax.scatter([start[0]], [start[1]], marker="o", s=80, c="white", edgecolors="k", label="start")
     ax.set_xlim(extent[:2])
@@ -283,8 +453,65 @@ def draw_heatmap(path: str, geometry: MazeGeometry, heat: np.ndarray, recent_goa
     return fig
 
 
+class Visits:
+    """Where the agent has been (visit counts per maze cell for the coverage, per fine bin for the heat map) and
+    the goals it was most recently sent to (drawn on the heat map)."""
+
+    def __init__(self, geometry: MazeGeometry, recent: int):
+        self.geometry, self.recent = geometry, recent
+        self.cells = np.zeros(geometry.map.shape, np.int64)
+        self.heat = np.zeros(np.array(geometry.map.shape) * geometry.bins, np.int64)
+        self.recent_goals = np.zeros((0, 2))
+
+    def add(self, xy: np.ndarray):
+        np.add.at(self.cells, tuple(self.geometry.cells(xy).T), 1)
+        np.add.at(self.heat, tuple(self.geometry.fine_bins(xy).T), 1)
+
+    def sent(self, goals: np.ndarray) -> np.ndarray:
+        if self.recent:
+            self.recent_goals = np.concatenate([self.recent_goals, goals])[-self.recent :]
+        return goals.astype(np.float32)
+
+    def coverage(self) -> float:
+        """The fraction of free maze cells visited."""
+        return float((self.cells[self.geometry.map == 0] > 0).mean())
+
+    def state_dict(self) -> Dict[str, torch.Tensor]:
+        arrays = {"cell_visits": self.cells, "heat": self.heat, "recent_goals": self.recent_goals}
+        return {k: torch.from_numpy(v) for k, v in arrays.items()}
+
+    def load_state_dict(self, state: Dict[str, torch.Tensor]):
+        self.cells, self.heat, self.recent_goals = (state[k].numpy() for k in ("cell_visits", "heat", "recent_goals"))
+
+
+def act_and_record(envs, actor, obs: np.ndarray, goals: np.ndarray, buffer: TrajectoryBuffer, visits: Visits):
+    """One step of every env toward its commanded goal with a sample of the actor; the transitions go into the
+    buffer, the new positions into the visit counts. Returns the next observations and whether the episodes ended."""
+    with torch.no_grad():
+        device = actor.xy_center.device
+        actions = actor.sample(torch.as_tensor(obs, device=device), torch.as_tensor(goals, device=device))[0]
+    actions = actions.cpu().numpy()
+    obs, _, terminated, truncated, _ = envs.step(actions)
+    obs = obs.astype(np.float32)
+    buffer.add(actions, obs)
+    visits.add(obs[:, :2])
+    return obs, bool((terminated | truncated).any())
+
+
+def reset_envs(envs, buffer: TrajectoryBuffer, seed: int, episode_round: int, start_ij, record: bool = True):
+    """Start a round of episodes (one per env) in the start cell; the same round always starts from the same states."""
+    start = dict(task_info=dict(init_ij=start_ij, goal_ij=start_ij))  # the goal is never used
+    np.random.seed(seed * 1_000_003 + episode_round)  # OGBench draws start noise from NumPy's global generator
+    obs = envs.reset(seed=seed * 1_000_003 + episode_round, options=start)[0].astype(np.float32)
+    if record:
+        buffer.start_episodes(obs)
+    return obs
+
+
 @torch.no_grad()
-def evaluate(actor, envs, geometry: MazeGeometry, args: Args, device, step: int, video_dir: Optional[str]) -> Dict[str, float]:
+def evaluate(
+    actor, envs, geometry: MazeGeometry, args: Args, device, step: int, video_dir: Optional[str]
+) -> Dict[str, float]:
     """Success on each of the maze's 5 tasks, args.eval_episodes episodes each, deterministic actions (tanh of
     the mean) toward the task's goal; all episodes run in lockstep with fixed evaluation seeds."""
     actor.eval()
@@ -325,124 +552,134 @@ def save_video(frames, path: str):
         imageio.mimsave(path[:-4] + ".gif", frames, duration=1 / 30)
 
 
-# ---------------------------------------------------------------------------------------------- networks
+def evaluate_and_draw(*, actor, envs, geometry, visits, args: Args, device, log, env_steps: int, updates: int):
+    """An evaluation (a row of eval.csv with the coverage) and the heat map of where the agent has been."""
+    stats = evaluate(actor, envs, geometry, args, device, env_steps, log.video_dir)
+    log.evaluation(env_steps, stats | {"updates": updates, "coverage": visits.coverage()})
+    title = f"{args.env_id}, {args.goal_strategy} goals, seed {args.seed}\n{env_steps:,} env steps: coverage "
+    title += f"{visits.coverage():.2f}, success {stats['success']:.2f}"
+    path = os.path.join(log.writer.log_dir, "heatmaps", f"env_step_{env_steps}.png")
+    figure = draw_heatmap(path, geometry, visits.heat, visits.recent_goals, title)
+    log.writer.add_figure("explore/heatmap", figure, env_steps)  # closes the figure
 
 
-def mlp(sizes, activation, layer_norm: bool) -> nn.Sequential:
-    layers = []
-    for i in range(len(sizes) - 2):
-        layers += [nn.Linear(sizes[i], sizes[i + 1]), activation()] + ([nn.LayerNorm(sizes[i + 1])] if layer_norm else [])
-    return nn.Sequential(*layers, nn.Linear(sizes[-2], sizes[-1]))
-
-
-class XYScaled(nn.Module):
-    """Holds the maze's x-y centre and half-extent as buffers: x-y coordinates (goals, and the first two
-    observation dims) enter the networks in [-1, 1], so a checkpoint works in the environment's units."""
-
-    def __init__(self, geometry: Optional[MazeGeometry] = None):
-        super().__init__()
-        self.register_buffer("xy_center", torch.zeros(2) if geometry is None else torch.tensor(geometry.center, dtype=torch.float32))
-        self.register_buffer("xy_half", torch.ones(2) if geometry is None else torch.tensor(geometry.half, dtype=torch.float32))
-
-    def scale_xy(self, xy):
-        return (xy - self.xy_center) / self.xy_half
-
-    def scale_obs(self, obs):
-        return torch.cat([self.scale_xy(obs[:, :2]), obs[:, 2:]], -1)
-
-
-class FlowDensity(XYScaled):
-    """log p(g | s, a): a flow over the 2-D goal conditioned on a (state, action) encoder; a zero condition
-    gives the marginal density of reached goals."""
-
-    def __init__(self, obs_dim: int, action_dim: int, args: Args, geometry: Optional[MazeGeometry] = None):
-        super().__init__(geometry)
-        self.encoder = mlp([obs_dim + action_dim] + [args.encoder_dim] * 4 + [args.rep_dim], nn.SiLU, layer_norm=True)
-        self.flow = ConditionalFlow(2, args.rep_dim, args.num_blocks, args.hidden_dim)
-
-    def condition(self, obs, actions):
-        return self.encoder(torch.cat([self.scale_obs(obs), actions], -1))
-
-    def log_prob(self, goals, cond):
-        return self.flow.log_prob(self.scale_xy(goals), cond)
-
-
-class GaussianDensity(XYScaled):
-    """The same encoder, then a linear head to the mean and log-std (clamped to [-5, 2]) of a diagonal
-    Gaussian over the goal; a zero condition leaves the head's bias: one Gaussian over reached goals."""
-
-    def __init__(self, obs_dim: int, action_dim: int, args: Args, geometry: Optional[MazeGeometry] = None):
-        super().__init__(geometry)
-        self.encoder = mlp([obs_dim + action_dim] + [args.encoder_dim] * 4 + [args.rep_dim], nn.SiLU, layer_norm=True)
-        self.head = nn.Linear(args.rep_dim, 4)
-
-    def condition(self, obs, actions):
-        return self.encoder(torch.cat([self.scale_obs(obs), actions], -1))
-
-    def log_prob(self, goals, cond):
-        mean, log_std = self.head(cond).chunk(2, -1)
-        return torch.distributions.Normal(mean, log_std.clamp(-5, 2).exp()).log_prob(self.scale_xy(goals)).sum(-1)
-
-
-class Actor(XYScaled):
-    """pi(a | s, g): a tanh-Gaussian (4 hidden layers, SiLU, LayerNorm; log-std squashed into [-5, 2])."""
-
-    def __init__(self, obs_dim: int, action_dim: int, args: Args, geometry: Optional[MazeGeometry] = None):
-        super().__init__(geometry)
-        self.net = mlp([obs_dim + 2] + [args.actor_dim] * 4 + [2 * action_dim], nn.SiLU, layer_norm=True)
-
-    def forward(self, obs, goals):
-        mean, log_std = self.net(torch.cat([self.scale_obs(obs), self.scale_xy(goals)], -1)).chunk(2, -1)
-        return mean, -5 + 3.5 * (torch.tanh(log_std) + 1)
-
-    def sample(self, obs, goals):
-        """Reparameterised actions in (-1, 1) and their log-density (with the tanh correction)."""
-        mean, log_std = self(obs, goals)
-        u = mean + log_std.exp() * torch.randn_like(mean)
-        actions = torch.tanh(u)
-        log_prob = torch.distributions.Normal(mean, log_std.exp()).log_prob(u) - torch.log(1 - actions.square() + 1e-6)
-        return actions, log_prob.sum(-1)
-
-    def act(self, obs, goals):
-        return torch.tanh(self(obs, goals)[0])
-
-
-# ---------------------------------------------------------------------------------------------- training
+# ------------------------------------------------------------------------ the run: directory, logs, checkpoints
 
 
 def find_checkpoint(path: str, flag: str = "--resume") -> str:
+    """The newest checkpoint of a run directory, or the checkpoint file itself."""
     if os.path.isdir(path):
-        found = sorted(glob.glob(os.path.join(path, "checkpoints", "step_*.pt")), key=lambda p: int(p.rsplit("_", 1)[1][:-3]))
+        found = glob.glob(os.path.join(path, "checkpoints", "step_*.pt"))
         if not found:
             raise SystemExit(f"{flag} {path}: no checkpoints/step_*.pt in that run directory")
-        return found[-1]
+        return max(found, key=lambda p: int(p.rsplit("_", 1)[1][:-3]))
     if not os.path.isfile(path):
         raise SystemExit(f"{flag} {path}: no such run directory or checkpoint file")
     return path
 
 
-def claim_run_dir(path: str) -> str:
-    """Create a new run directory; runs started in the same second with the same name get _2, _3, ..."""
-    for i in range(1, 10_000):
-        candidate = path if i == 1 else f"{path}_{i}"
+def load_checkpoint(path: str, flag: str = "--resume"):
+    """(checkpoint, its path), read on the CPU; a clear error for anything that is not a readable checkpoint."""
+    path = find_checkpoint(path, flag)
+    try:
+        return torch.load(path, map_location="cpu", weights_only=True), path
+    except Exception as err:
+        raise SystemExit(f"{flag} {path}: not a readable checkpoint ({type(err).__name__}: {err})")
+
+
+def save_checkpoint(run_dir: str, step: int, state: dict, args, rng: np.random.Generator):
+    """checkpoints/step_{step}.pt: a plain dict of `state`, the run's arguments and its RNG states."""
+    rngs = {"torch_rng": torch.get_rng_state(), "numpy_rng": json.dumps(rng.bit_generator.state)}
+    path = os.path.join(run_dir, "checkpoints", f"step_{step}.pt")
+    torch.save(dict(state, args=dataclasses.asdict(args), **rngs), path)
+
+
+def restore_rng(checkpoint: dict, rng: np.random.Generator):
+    torch.set_rng_state(checkpoint["torch_rng"])
+    rng.bit_generator.state = json.loads(checkpoint["numpy_rng"])
+
+
+def run_directory(args, checkpoint_path: Optional[str]) -> str:
+    """The resumed checkpoint's run directory, or a new {output_dir}/{env_id}__{exp_name}__{seed}__{unixtime}
+    (runs started in the same second get _2, _3, ...)."""
+    if checkpoint_path is not None:
+        return os.path.dirname(os.path.dirname(checkpoint_path))
+    path = os.path.join(args.output_dir, f"{args.env_id.replace('/', '-')}__{args.exp_name}__{args.seed}")
+    for suffix in [f"__{int(time.time())}"] + [f"__{int(time.time())}_{i}" for i in range(2, 1_000)]:
         try:
-            os.makedirs(candidate)
-            return candidate
+            os.makedirs(path + suffix)
+            return path + suffix
         except FileExistsError:
             continue
     raise SystemExit(f"{path}: could not create a new run directory")
 
 
+class RunLog:
+    """What a run writes besides checkpoints: args.json, TensorBoard events, eval.csv (`fields`, the step and
+    the wall time first) and, with --track, wandb. A resume at `step` keeps the evaluations up to it."""
+
+    def __init__(self, run_dir: str, args, fields: List[str], step: int):
+        self.fields, self.track, self.last = fields, args.track, (time.time(), step)
+        self.video_dir = os.path.join(run_dir, "videos") if args.capture_video else None
+        for sub in ("checkpoints",) + (("videos",) if args.capture_video else ()):
+            os.makedirs(os.path.join(run_dir, sub), exist_ok=True)
+        with open(os.path.join(run_dir, "args.json"), "w") as f:
+            json.dump(dataclasses.asdict(args), f, indent=2)
+        if args.track:
+            import wandb
+
+            run = dict(config=dataclasses.asdict(args), name=os.path.basename(run_dir), dir=run_dir)
+            wandb.init(project=args.wandb_project_name, entity=args.wandb_entity, sync_tensorboard=True, **run)
+        self.writer = SummaryWriter(run_dir, purge_step=step or None)  # later events are redone, as evaluations
+        self.csv_path, kept = os.path.join(run_dir, "eval.csv"), []
+        if step and os.path.exists(self.csv_path):
+            with open(self.csv_path, newline="") as f:
+                kept = [row for row in list(csv.reader(f))[1:] if int(row[0]) <= step]
+        with open(self.csv_path, "w", newline="") as f:
+            csv.writer(f).writerows([fields] + kept)
+        self.start = time.time() - (float(kept[-1][1]) if kept else 0.0)  # wall time goes on across resumes
+
+    def scalars(self, step: int, values: Dict[str, float], prefix: str = "train"):
+        """TensorBoard scalars; train/ ones come with the steps per second since the last call."""
+        for key, value in values.items():
+            self.writer.add_scalar(f"{prefix}/{key}", float(value), step)
+        if prefix == "train":
+            (then, then_step), self.last = self.last, (time.time(), step)
+            self.writer.add_scalar("perf/steps_per_second", (step - then_step) / (time.time() - then + 1e-9), step)
+
+    def evaluation(self, step: int, stats: Dict[str, float]):
+        """A row of eval.csv, eval/ scalars, and a line printed above the progress bar."""
+        with open(self.csv_path, "a", newline="") as f:
+            csv.writer(f).writerow([step, round(time.time() - self.start, 1)] + [stats[k] for k in self.fields[2:]])
+        self.scalars(step, {k: v for k, v in stats.items() if not math.isnan(v)}, "eval")
+        shown = [f"{k} {v:.3f}" if isinstance(v, float) else f"{k} {v}" for k, v in stats.items()]
+        tqdm.write(f"{self.fields[0]} {step}: " + ", ".join(s for s in shown if not s.endswith(" nan")))
+
+    def close(self):
+        self.writer.close()
+        if self.track:
+            import wandb
+
+            wandb.finish()
+
+
+def non_finite_step(first_bad: torch.Tensor, step: int, logs: Dict[str, torch.Tensor]) -> torch.Tensor:
+    """The first step whose logged losses were not all finite (-1 while none), kept on the device: no host sync."""
+    bad = ~torch.stack([v.float() for v in logs.values()]).isfinite().all()
+    return torch.where((first_bad < 0) & bad, step, first_bad)
+
+
 def check_args(args: Args):
-    problems = [f"--{name.replace('_', '-')} must be positive" for name in
-                ("num_envs", "num_candidates", "goal_hold_steps", "total_env_steps", "updates_per_step", "batch_size",
-                 "buffer_size", "log_interval", "eval_interval", "eval_episodes", "save_interval")
-                if getattr(args, name) <= 0]  # fmt: skip
+    names = ("num_envs", "num_candidates", "goal_hold_steps", "total_env_steps", "updates_per_step", "batch_size")
+    names += ("buffer_size", "log_interval", "eval_interval", "eval_episodes", "save_interval")
+    problems = [f"--{name.replace('_', '-')} must be positive" for name in names if getattr(args, name) <= 0]
     if args.max_episode_steps is not None and args.max_episode_steps <= 0:
         problems.append("--max-episode-steps must be positive")
     if args.capture_video and not os.environ.get("DISPLAY") and os.environ.get("MUJOCO_GL") not in ("egl", "osmesa"):
-        problems.append("--capture-video without a display needs headless MuJoCo rendering chosen before Python "
-                        "starts: MUJOCO_GL=egl python nf_goal_explore.py ... (or MUJOCO_GL=osmesa)")  # fmt: skip
+        problems.append(
+            "--capture-video without a display needs headless MuJoCo rendering chosen before Python "
+            "starts: MUJOCO_GL=egl python nf_goal_explore.py ... (or MUJOCO_GL=osmesa)"
+        )
     if not 0 < args.discount < 1:
         problems.append("--discount must lie in (0, 1)")
     if not 0 <= args.condition_drop < 1:
@@ -450,9 +687,23 @@ def check_args(args: Args):
     if args.goal_noise < 0 or args.learning_starts < 0 or args.recent_goals < 0:
         problems.append("--goal-noise, --learning-starts and --recent-goals must be >= 0")
     if args.goal_strategy == "min-density" and args.condition_drop == 0:
-        problems.append("--goal-strategy min-density reads the marginal density, which is learnt only with --condition-drop > 0")
+        problems.append("--goal-strategy min-density reads the marginal density, learnt only with --condition-drop > 0")
     if problems:
         raise SystemExit("; ".join(problems))
+
+
+def make_envs(args: Args):
+    """The training vector env (episodes never end at a goal: they are reward-free and last max_episode_steps),
+    the evaluation envs (5 tasks x eval_episodes), the maze's geometry and the training episodes' length."""
+    probe = make_maze(args.env_id, terminate_at_goal=False, max_episode_steps=args.max_episode_steps)
+    if not np.allclose(probe.action_space.low, -1) or not np.allclose(probe.action_space.high, 1):
+        raise SystemExit(f"{args.env_id}: the action space is {probe.action_space}; the tanh actor needs [-1, 1]")
+    length = probe.spec.max_episode_steps
+    make = functools.partial(make_maze, args.env_id, terminate_at_goal=False, max_episode_steps=length)
+    envs = gymnasium.vector.SyncVectorEnv([make for _ in range(args.num_envs)])
+    render = dict(render_mode="rgb_array", width=200, height=200) if args.capture_video else {}
+    eval_envs = [make_maze(args.env_id, **render) for _ in range(5 * args.eval_episodes)]
+    return envs, eval_envs, MazeGeometry(probe), length
 
 
 def crossed(env_steps: int, num_envs: int, interval: int) -> bool:
@@ -460,223 +711,103 @@ def crossed(env_steps: int, num_envs: int, interval: int) -> bool:
     return env_steps // interval > (env_steps - num_envs) // interval
 
 
+# -------------------------------------------------------------------------------------------------- main
+
+
 def main(args: Args):
-    checkpoint = None
+    checkpoint = path = None
     if args.resume is not None:
-        path = find_checkpoint(args.resume)
-        try:
-            checkpoint = torch.load(path, map_location="cpu", weights_only=True)
-        except Exception as err:
-            raise SystemExit(f"--resume {path}: not a readable checkpoint ({type(err).__name__}: {err})")
+        checkpoint, path = load_checkpoint(args.resume)
         args = dataclasses.replace(Args(**checkpoint["args"]), resume=args.resume)
-        run_dir = os.path.dirname(os.path.dirname(path))
-    else:
-        run_dir = os.path.join(args.output_dir, f"{args.env_id}__{args.exp_name}__{args.seed}__{int(time.time())}")
     check_args(args)
     device = torch.device("cuda" if args.cuda and torch.cuda.is_available() else "cpu")
     torch.manual_seed(args.seed)
     rng = np.random.default_rng(args.seed)
 
-    # training envs never terminate at a goal: episodes are reward-free and last max_episode_steps
-    length = {} if args.max_episode_steps is None else dict(max_episode_steps=args.max_episode_steps)
-    probe = make_maze(args.env_id, terminate_at_goal=False, **length)
-    geometry, length = MazeGeometry(probe), probe.spec.max_episode_steps
-    envs = gymnasium.vector.SyncVectorEnv([lambda: make_maze(args.env_id, terminate_at_goal=False, max_episode_steps=length)
-                                           for _ in range(args.num_envs)])  # fmt: skip
-    render = dict(render_mode="rgb_array", width=200, height=200) if args.capture_video else {}
-    eval_envs = [make_maze(args.env_id, **render) for _ in range(5 * args.eval_episodes)]
-    obs_dim, action_dim = probe.observation_space.shape[0], probe.action_space.shape[0]
-    if not np.allclose(probe.action_space.low, -1) or not np.allclose(probe.action_space.high, 1):
-        raise SystemExit(f"{args.env_id}: the action space is {probe.action_space}; the tanh actor needs [-1, 1]")
-    start = dict(task_info=dict(init_ij=geometry.start_ij, goal_ij=geometry.start_ij))  # the goal is never used
+    envs, eval_envs, geometry, length = make_envs(args)
+    obs_dim, action_dim = envs.single_observation_space.shape[0], envs.single_action_space.shape[0]
 
     actor = Actor(obs_dim, action_dim, args, geometry).to(device)
-    density = (FlowDensity if args.density == "flow" else GaussianDensity)(obs_dim, action_dim, args, geometry).to(device)
+    density = (FlowDensity if args.density == "flow" else GaussianDensity)(obs_dim, action_dim, args, geometry)
+    density = density.to(device)
     if args.compile:  # in place: parameters and state_dict keys are unchanged
         for module in (actor.net, density.encoder) + ((density.flow,) if args.density == "flow" else ()):
             module.compile()
-    # fused: one kernel for all parameter tensors (on CPU ~5x faster than the default per-tensor loop)
-    actor_optimizer = torch.optim.Adam(actor.parameters(), lr=args.actor_learning_rate, fused=True)
-    density_optimizer = torch.optim.AdamW(density.parameters(), lr=args.learning_rate, weight_decay=args.weight_decay,
-                                          fused=True)  # fmt: skip
     log_temperature = torch.zeros((), device=device, requires_grad=True)
-    temperature_optimizer = torch.optim.Adam([log_temperature], lr=args.actor_learning_rate, fused=True)
-    target_entropy = -0.5 * action_dim if args.target_entropy is None else args.target_entropy
+    adam = functools.partial(torch.optim.Adam, lr=args.actor_learning_rate, fused=True)  # fused: one kernel for all
+    optimizers = {"actor": adam(actor.parameters()), "temperature": adam([log_temperature])}
+    decay = dict(lr=args.learning_rate, weight_decay=args.weight_decay, fused=True)
+    optimizers["density"] = torch.optim.AdamW(density.parameters(), **decay)
+    parts = {"actor": actor, "density": density} | {f"{k}_optimizer": v for k, v in optimizers.items()}
+    settings = dict(log_temperature=log_temperature, condition_drop=args.condition_drop, goal_noise=args.goal_noise)
+    settings["target_entropy"] = -0.5 * action_dim if args.target_entropy is None else args.target_entropy
     buffer = TrajectoryBuffer(args.buffer_size, length, obs_dim, action_dim, args.num_envs)
-    cell_visits = np.zeros(geometry.map.shape, np.int64)
-    heat = np.zeros(np.array(geometry.map.shape) * geometry.bins, np.int64)
-    recent_goals = np.zeros((0, 2))
+    visits = Visits(geometry, args.recent_goals)
     env_steps = updates = 0
     if checkpoint is not None:
-        for module, key in ((actor, "actor"), (density, "density"), (actor_optimizer, "actor_optimizer"),
-                            (density_optimizer, "density_optimizer"), (temperature_optimizer, "temperature_optimizer")):  # fmt: skip
-            module.load_state_dict(checkpoint[key])
+        for key, part in parts.items():
+            part.load_state_dict(checkpoint[key])
         with torch.no_grad():
             log_temperature.copy_(checkpoint["log_temperature"])
         buffer.load_state_dict(checkpoint["buffer"])
-        cell_visits, heat = checkpoint["cell_visits"].numpy(), checkpoint["heat"].numpy()
-        recent_goals = checkpoint["recent_goals"].numpy()
-        torch.set_rng_state(checkpoint["torch_rng"])
-        rng.bit_generator.state = json.loads(checkpoint["numpy_rng"])
+        visits.load_state_dict(checkpoint)
+        restore_rng(checkpoint, rng)
         env_steps, updates = checkpoint["env_steps"], checkpoint["updates"]
-        print(f"resumed {run_dir} at environment step {env_steps}")
 
-    if checkpoint is None:
-        run_dir = claim_run_dir(run_dir)
-    for sub in ("checkpoints", "heatmaps") + (("videos",) if args.capture_video else ()):
-        os.makedirs(os.path.join(run_dir, sub), exist_ok=True)
-    video_dir = os.path.join(run_dir, "videos") if args.capture_video else None
-    with open(os.path.join(run_dir, "args.json"), "w") as f:
-        json.dump(dataclasses.asdict(args), f, indent=2)
-    writer = SummaryWriter(run_dir, purge_step=env_steps or None)
-    if args.track:
-        import wandb
+    run_dir = run_directory(args, path)
+    tasks = [f"task{t + 1}" for t in range(len(geometry.task_goals))]
+    log = RunLog(run_dir, args, ["env_steps", "wall_time", "updates", "success", "coverage"] + tasks, env_steps)
+    os.makedirs(os.path.join(run_dir, "heatmaps"), exist_ok=True)
+    size = f"{sum(p.numel() for p in density.parameters()):,} + {sum(p.numel() for p in actor.parameters()):,} actor"
+    where = f"resumed {run_dir} at environment step {env_steps}" if env_steps else f"writing to {run_dir}"
+    print(f"{args.density} density, {size} parameters, {args.num_envs} x {args.env_id}, device {device}; {where}")
+    evaluation = dict(actor=actor, envs=eval_envs, geometry=geometry, visits=visits, args=args, device=device, log=log)
+    next_goals = functools.partial(pick_goals, buffer, density, args, geometry.task_goals, rng)
 
-        wandb.init(project=args.wandb_project_name, entity=args.wandb_entity, config=dataclasses.asdict(args),
-                   name=os.path.basename(run_dir), dir=run_dir, sync_tensorboard=True)  # fmt: skip
-    csv_path = os.path.join(run_dir, "eval.csv")
-    fields = ["env_steps", "updates", "wall_time", "success", "coverage"] + [f"task{t + 1}" for t in range(len(geometry.task_goals))]
-    kept = []  # on resume, the evaluations up to the checkpoint (later ones are redone, as purge_step does)
-    if env_steps and os.path.exists(csv_path):
-        with open(csv_path, newline="") as f:
-            kept = [row for row in list(csv.reader(f))[1:] if int(row[0]) <= env_steps]
-    with open(csv_path, "w", newline="") as f:
-        csv.writer(f).writerows([fields] + kept)
-    print(f"{args.density} density, {sum(p.numel() for p in density.parameters()):,} + {sum(p.numel() for p in actor.parameters()):,} "
-          f"actor parameters, {args.num_envs} x {args.env_id}, goals: {args.goal_strategy}, device {device}; writing to {run_dir}")  # fmt: skip
-
-    def coverage() -> float:
-        return float((cell_visits[geometry.map == 0] > 0).mean())
-
-    def run_evaluation():
-        stats = evaluate(actor, eval_envs, geometry, args, device, env_steps, video_dir)
-        stats["coverage"] = coverage()
-        with open(csv_path, "a", newline="") as f:
-            csv.writer(f).writerow([env_steps, updates, round(time.time() - start_time, 1)] + [stats[k] for k in fields[3:]])
-        for k, v in stats.items():
-            writer.add_scalar(f"eval/{k}", v, env_steps)
-        title = (f"{args.env_id}, {args.goal_strategy} goals, seed {args.seed}\n{env_steps:,} env steps: coverage "
-                 f"{stats['coverage']:.2f}, success {stats['success']:.2f}")  # fmt: skip
-        fig = draw_heatmap(os.path.join(run_dir, "heatmaps", f"env_step_{env_steps}.png"), geometry, heat, recent_goals, title)
-        writer.add_figure("explore/heatmap", fig, env_steps)  # closes the figure
-        print(f"env step {env_steps}: " + ", ".join(f"{k} {stats[k]:.3f}" for k in fields[3:]))
-
-    def save(goals, held, episode_step):
-        torch.save({"goals": torch.from_numpy(goals), "held": held, "episode_step": episode_step,"actor": actor.state_dict(), "density": density.state_dict(), "actor_optimizer": actor_optimizer.state_dict(),
-                    "density_optimizer": density_optimizer.state_dict(), "log_temperature": log_temperature.detach(),
-                    "temperature_optimizer": temperature_optimizer.state_dict(), "buffer": buffer.state_dict(),
-                    "cell_visits": torch.from_numpy(cell_visits), "heat": torch.from_numpy(heat),
-                    "recent_goals": torch.from_numpy(recent_goals), "env_steps": env_steps, "updates": updates,
-                    "args": dataclasses.asdict(args), "torch_rng": torch.get_rng_state(),
-                    "numpy_rng": json.dumps(rng.bit_generator.state)},
-                   os.path.join(run_dir, "checkpoints", f"step_{env_steps}.pt"))  # fmt: skip
-
-    @torch.no_grad()
-    def marginal_log_density(goals: np.ndarray) -> np.ndarray:
-        goals = torch.as_tensor(goals, dtype=torch.float32, device=device)
-        cond = torch.zeros(len(goals), args.rep_dim, device=device)  # the dropped condition: p(g)
-        return density.log_prob(goals, cond).cpu().numpy()
-
-    def pick_goals(obs) -> np.ndarray:
-        nonlocal recent_goals
-        candidates = buffer.sample_states(args.num_envs * args.num_candidates, rng).reshape(args.num_envs, args.num_candidates, 2)
-        goals = select_goals(args.goal_strategy, candidates, marginal_log_density, geometry.task_goals, rng)
-        recent_goals = np.concatenate([recent_goals, goals])[-args.recent_goals :] if args.recent_goals else recent_goals
-        return goals.astype(np.float32)
-
-    def update():
-        """One density (critic) step, one actor step and one temperature step on hindsight goals."""
-        batch = {k: torch.as_tensor(v, device=device) for k, v in buffer.sample(args.batch_size, args.discount, rng).items()}
-        cond = density.condition(batch["observations"], batch["actions"])
-        keep = (torch.rand(len(cond), 1, device=device) >= args.condition_drop).float()  # dropped -> zeros: p(g)
-        noisy_goals = batch["goals"] + args.goal_noise * torch.randn_like(batch["goals"])
-        density_loss = -density.log_prob(noisy_goals, cond * keep).mean()
-        density_optimizer.zero_grad(set_to_none=True)
-        density_loss.backward()
-        density_optimizer.step()
-
-        actions, log_prob = actor.sample(batch["observations"], batch["goals"])
-        density.requires_grad_(False)  # the actor's gradient flows through the density, not into its weights
-        log_occupancy = density.log_prob(batch["goals"], density.condition(batch["observations"], actions))
-        density.requires_grad_(True)
-        temperature = log_temperature.detach().exp()
-        actor_loss = (temperature * log_prob - log_occupancy).mean()
-        actor_optimizer.zero_grad(set_to_none=True)
-        actor_loss.backward()
-        actor_optimizer.step()
-
-        temperature_loss = -(log_temperature * (log_prob.detach() + target_entropy)).mean()
-        temperature_optimizer.zero_grad(set_to_none=True)
-        temperature_loss.backward()
-        temperature_optimizer.step()
-        return {"density_loss": density_loss, "actor_loss": actor_loss, "log_occupancy": log_occupancy.mean(),
-                "entropy": -log_prob.mean(), "temperature": temperature}  # fmt: skip
-
-    def reset_envs(episode_round: int, record: bool = True) -> np.ndarray:
-        """Start the round's episodes; the same round always starts from the same states."""
-        np.random.seed(args.seed * 1_000_003 + episode_round)  # OGBench draws start noise from NumPy's global generator
-        obs = envs.reset(seed=args.seed * 1_000_003 + episode_round, options=start)[0].astype(np.float32)
-        if record:
-            buffer.start_episodes(obs)
-        return obs
-
-    start_time = time.time()
     if checkpoint is not None and checkpoint["episode_step"] == 0:  # saved right after a reset: redo it, exactly
-        obs = reset_envs(buffer.episodes // args.num_envs - 1, record=False)
+        obs = reset_envs(envs, buffer, args.seed, buffer.episodes // args.num_envs - 1, geometry.start_ij, record=False)
         goals, held, episode_step = checkpoint["goals"].numpy(), checkpoint["held"], 0
     else:  # a fresh run, or a checkpoint inside an episode, whose env state is not saved: new episodes
-        obs = reset_envs(buffer.episodes // args.num_envs)
-        goals, held, episode_step = pick_goals(obs), 0, 0
+        obs = reset_envs(envs, buffer, args.seed, buffer.episodes // args.num_envs, geometry.start_ij)
+        goals, held, episode_step = visits.sent(next_goals()), 0, 0
     if env_steps == 0:
-        run_evaluation()
-    first_bad = torch.tensor(-1, device=device)  # first update whose loss was non-finite, tracked without a host sync
-    losses, last_log_time, last_log_steps = None, time.time(), env_steps
-    total = args.total_env_steps
-    with tqdm(total=total, initial=env_steps, unit="env step", smoothing=0.05) as progress:
-        while env_steps < total:
-            with torch.no_grad():
-                actions, _ = actor.sample(torch.as_tensor(obs, device=device), torch.as_tensor(goals, device=device))
-            actions = actions.cpu().numpy()
-            next_obs, _, terminated, truncated, _ = envs.step(actions)
-            next_obs = next_obs.astype(np.float32)
-            buffer.add(actions, next_obs)
-            np.add.at(cell_visits, tuple(geometry.cells(next_obs[:, :2]).T), 1)
-            np.add.at(heat, tuple(geometry.fine_bins(next_obs[:, :2]).T), 1)
-            obs, env_steps, held, episode_step = next_obs, env_steps + args.num_envs, held + 1, episode_step + 1
+        evaluate_and_draw(env_steps=0, updates=0, **evaluation)
+    first_bad, logs = torch.tensor(-1, device=device), {}  # the first update with a non-finite loss
+    with tqdm(total=args.total_env_steps, initial=env_steps, unit="env step", smoothing=0.05) as progress:
+        while env_steps < args.total_env_steps:
+            obs, done = act_and_record(envs, actor, obs, goals, buffer, visits)
+            env_steps, held, episode_step = env_steps + args.num_envs, held + 1, episode_step + 1
             progress.update(args.num_envs)
-            if (terminated | truncated).any():  # the envs run in lockstep: all episodes end together
-                obs = reset_envs(buffer.episodes // args.num_envs)
-                goals, held, episode_step = pick_goals(obs), 0, 0
+            if done:  # the envs run in lockstep: all episodes end together
+                obs = reset_envs(envs, buffer, args.seed, buffer.episodes // args.num_envs, geometry.start_ij)
+                goals, held, episode_step = visits.sent(next_goals()), 0, 0
             elif held == args.goal_hold_steps:
-                goals, held = pick_goals(obs), 0
+                goals, held = visits.sent(next_goals()), 0
 
-            if env_steps >= args.learning_starts:
-                for _ in range(args.updates_per_step):
-                    losses = update()
-                    updates += 1
-                    bad = ~torch.isfinite(losses["density_loss"]) | ~torch.isfinite(losses["actor_loss"])
-                    first_bad = torch.where((first_bad < 0) & bad, updates, first_bad)
-            last = env_steps >= total
-            if any(crossed(env_steps, args.num_envs, n) for n in (args.log_interval, args.eval_interval, args.save_interval)) or last:
-                if first_bad.item() >= 0:  # before anything logs, evaluates or saves a broken agent
-                    raise SystemExit(f"non-finite training loss at gradient step {first_bad.item()} (before environment step "
-                                     f"{env_steps}); stopping (try a lower --learning-rate)")  # fmt: skip
-            if crossed(env_steps, args.num_envs, args.log_interval) or last:
-                speed = (env_steps - last_log_steps) / (time.time() - last_log_time)
-                last_log_time, last_log_steps = time.time(), env_steps
-                if losses is not None:
-                    for key, value in losses.items():
-                        writer.add_scalar(f"train/{key}", value.item(), env_steps)
-                writer.add_scalar("explore/coverage", coverage(), env_steps)
-                writer.add_scalar("perf/env_steps_per_second", speed, env_steps)
-            if crossed(env_steps, args.num_envs, args.eval_interval) or last:
-                run_evaluation()
-            if crossed(env_steps, args.num_envs, args.save_interval) or last:
-                save(goals, held, episode_step)
+            for _ in range(args.updates_per_step if env_steps >= args.learning_starts else 0):
+                batch = buffer.sample(args.batch_size, args.discount, rng)
+                batch = {k: torch.as_tensor(v, device=device) for k, v in batch.items()}
+                logs = update(batch, density=density, actor=actor, optimizers=optimizers, **settings)
+                updates += 1
+                first_bad = non_finite_step(first_bad, updates, logs)
+
+            last = env_steps >= args.total_env_steps
+            intervals = (args.log_interval, args.eval_interval, args.save_interval)
+            log_now, eval_now, save_now = (crossed(env_steps, args.num_envs, n) or last for n in intervals)
+            if (log_now or eval_now or save_now) and (bad := first_bad.item()) >= 0:  # before it logs, evaluates, saves
+                where = f"gradient step {bad} (before environment step {env_steps})"
+                raise SystemExit(f"non-finite training loss at {where}; stopping (try a lower --learning-rate)")
+            if log_now:
+                log.scalars(env_steps, logs | {"coverage": visits.coverage()})
+            if eval_now:
+                evaluate_and_draw(env_steps=env_steps, updates=updates, **evaluation)
+            if save_now:
+                state = {k: v.state_dict() for k, v in parts.items()} | visits.state_dict()
+                state |= dict(buffer=buffer.state_dict(), log_temperature=log_temperature.detach())
+                state |= dict(goals=torch.from_numpy(goals), held=held, episode_step=episode_step)
+                save_checkpoint(run_dir, env_steps, state | dict(env_steps=env_steps, updates=updates), args, rng)
     envs.close()
-    writer.close()
-    if args.track:
-        wandb.finish()
+    log.close()
     return run_dir, actor
 
 
