@@ -177,10 +177,14 @@ class ConditionalFlow(nn.Module):
     would be Gaussian) and none otherwise, the paper's architecture.
     """
 
-    def __init__(self, dim: int, cond_dim: int, num_blocks: int = 6, hidden_dim: int = 256, num_bins: Optional[int] = None):
+    def __init__(
+        self, dim: int, cond_dim: int, num_blocks: int = 6, hidden_dim: int = 256, num_bins: Optional[int] = None
+    ):
         super().__init__()
         if dim < 1 or cond_dim < 0 or num_blocks < 1:
-            raise ValueError(f"ConditionalFlow needs dim >= 1, cond_dim >= 0, num_blocks >= 1; got {dim}, {cond_dim}, {num_blocks}")
+            raise ValueError(
+                f"ConditionalFlow needs dim >= 1, cond_dim >= 0, num_blocks >= 1; got {dim}, {cond_dim}, {num_blocks}"
+            )
         if num_bins is None:
             num_bins = 8 if dim == 1 else 0
         self.dim = dim

@@ -124,8 +124,12 @@ def maze_cells(maze_map: np.ndarray):
     free, vertex = [], []
     for i, j in zip(*np.nonzero(maze_map == 0)):
         free.append((int(i), int(j)))
-        vertical = maze_map[i - 1, j] == 0 and maze_map[i + 1, j] == 0 and maze_map[i, j - 1] == 1 and maze_map[i, j + 1] == 1
-        horizontal = maze_map[i, j - 1] == 0 and maze_map[i, j + 1] == 0 and maze_map[i - 1, j] == 1 and maze_map[i + 1, j] == 1
+        vertical = (
+            maze_map[i - 1, j] == 0 and maze_map[i + 1, j] == 0 and maze_map[i, j - 1] == 1 and maze_map[i, j + 1] == 1
+        )
+        horizontal = (
+            maze_map[i, j - 1] == 0 and maze_map[i, j + 1] == 0 and maze_map[i - 1, j] == 1 and maze_map[i + 1, j] == 1
+        )
         if not (vertical or horizontal):
             vertex.append((int(i), int(j)))
     return free, vertex
@@ -181,8 +185,13 @@ def maze_episode(env, recipe: Recipe, rng: np.random.Generator, cells) -> Dict[s
         done = terminated or truncated
         if info["success"] and recipe.dataset_type == "navigate":
             env.unwrapped.set_goal(vertex[rng.integers(len(vertex))])
-        for key, value in (("observations", ob), ("actions", action), ("terminals", done),
-                           ("qpos", info["prev_qpos"]), ("qvel", info["prev_qvel"])):  # fmt: skip
+        for key, value in (
+            ("observations", ob),
+            ("actions", action),
+            ("terminals", done),
+            ("qpos", info["prev_qpos"]),
+            ("qvel", info["prev_qvel"]),
+        ):
             episode[key].append(value)
         ob = next_ob
     return episode
@@ -200,8 +209,13 @@ def multigoal_episode(env, recipe: Recipe, rng: np.random.Generator, cells) -> D
         action = np.clip(oracle_direction(env, final_approach=True) + rng.normal(0.0, recipe.noise, 2), -1, 1)
         next_ob, _, terminated, truncated, info = env.step(action)
         done = terminated or truncated
-        for key, value in (("observations", ob), ("actions", action), ("terminals", done),
-                           ("qpos", info["prev_qpos"]), ("qvel", info["prev_qvel"])):  # fmt: skip
+        for key, value in (
+            ("observations", ob),
+            ("actions", action),
+            ("terminals", done),
+            ("qpos", info["prev_qpos"]),
+            ("qvel", info["prev_qvel"]),
+        ):
             episode[key].append(value)
         ob = next_ob
     return episode
@@ -210,8 +224,12 @@ def multigoal_episode(env, recipe: Recipe, rng: np.random.Generator, cells) -> D
 def multigoal_metadata(recipe: Recipe) -> Dict[str, np.ndarray]:
     """What nf_bc.py needs to evaluate in the task: the environment, the start and the goal cells."""
     start, goals = MULTIGOAL_CELLS[recipe.env_id.split("-")[1]]
-    return {"env_name": np.array(recipe.env_id), "init_ij": np.array(start), "goal_ijs": np.array(goals),
-            "max_episode_steps": np.array(recipe.episode_steps)}  # fmt: skip
+    return {
+        "env_name": np.array(recipe.env_id),
+        "init_ij": np.array(start),
+        "goal_ijs": np.array(goals),
+        "max_episode_steps": np.array(recipe.episode_steps),
+    }
 
 
 # ----------------------------------------------------------------------------------------- manipulation
@@ -302,7 +320,6 @@ _worker = {}  # per-process environment and helpers, built once by _init_worker
 
 def _init_worker(recipe: Recipe, episode_steps: int):
     import gymnasium
-
     import ogbench  # noqa: F401  (registers the environments)
 
     kwargs = dict(terminate_at_goal=False, max_episode_steps=episode_steps)
@@ -347,7 +364,9 @@ DTYPES = {"terminals": bool, "button_states": np.int64}  # everything else float
 
 
 def to_arrays(episodes) -> Dict[str, np.ndarray]:
-    return {k: np.concatenate([np.asarray(ep[k], dtype=DTYPES.get(k, np.float32)) for ep in episodes]) for k in episodes[0]}
+    return {
+        k: np.concatenate([np.asarray(ep[k], dtype=DTYPES.get(k, np.float32)) for ep in episodes]) for k in episodes[0]
+    }
 
 
 def save_atomic(path: str, arrays: Dict[str, np.ndarray]):
@@ -384,8 +403,10 @@ def make_dataset(args: Args) -> Dict[str, str]:
     workers = args.num_workers or min(os.cpu_count() or 1, 8)
     jobs = [(args.seed, i) for i in range(num_train + num_val)]
     up_to = "up to " if recipe.dataset_type == "multigoal" else ""
-    print(f"{name}: {num_train} + {num_val} (val) episodes x {up_to}{episode_steps} steps of {recipe.env_id} "
-          f"({recipe.dataset_type}), seed {args.seed}, {workers} worker(s) -> {directory}")  # fmt: skip
+    print(
+        f"{name}: {num_train} + {num_val} (val) episodes x {up_to}{episode_steps} steps of {recipe.env_id} "
+        f"({recipe.dataset_type}), seed {args.seed}, {workers} worker(s) -> {directory}"
+    )
     start = time.time()
     episodes = []
     with tqdm(total=len(jobs), unit="episode", smoothing=0.05) as bar:
@@ -410,8 +431,10 @@ def make_dataset(args: Args) -> Dict[str, str]:
     save_atomic(paths["train"], train)
     elapsed = time.time() - start
     total = len(train["actions"]) + len(val["actions"])
-    print(f"wrote {len(train['actions']):,} train + {len(val['actions']):,} val transitions in {elapsed:.0f} s "
-          f"({total / elapsed:,.0f}/s) to {paths['train']}")  # fmt: skip
+    print(
+        f"wrote {len(train['actions']):,} train + {len(val['actions']):,} val transitions in {elapsed:.0f} s "
+        f"({total / elapsed:,.0f}/s) to {paths['train']}"
+    )
     return paths
 
 

@@ -566,21 +566,16 @@ def evaluate_and_draw(*, actor, envs, geometry, visits, args: Args, device, log,
 # ------------------------------------------------------------------------ the run: directory, logs, checkpoints
 
 
-def find_checkpoint(path: str, flag: str = "--resume") -> str:
-    """The newest checkpoint of a run directory, or the checkpoint file itself."""
+def load_checkpoint(path: str, flag: str = "--resume"):
+    """(checkpoint, its path) from a checkpoint file or a run directory (its newest checkpoint), read on the CPU;
+    a clear error for anything else."""
     if os.path.isdir(path):
         found = glob.glob(os.path.join(path, "checkpoints", "step_*.pt"))
         if not found:
             raise SystemExit(f"{flag} {path}: no checkpoints/step_*.pt in that run directory")
-        return max(found, key=lambda p: int(p.rsplit("_", 1)[1][:-3]))
-    if not os.path.isfile(path):
+        path = max(found, key=lambda p: int(p.rsplit("_", 1)[1][:-3]))
+    elif not os.path.isfile(path):
         raise SystemExit(f"{flag} {path}: no such run directory or checkpoint file")
-    return path
-
-
-def load_checkpoint(path: str, flag: str = "--resume"):
-    """(checkpoint, its path), read on the CPU; a clear error for anything that is not a readable checkpoint."""
-    path = find_checkpoint(path, flag)
     try:
         return torch.load(path, map_location="cpu", weights_only=True), path
     except Exception as err:

@@ -52,9 +52,14 @@ class GaussianPolicy(nn.Module):
         super().__init__()
         self.dim = dim
         self.net = nn.Sequential(
-            nn.Linear(cond_dim, width), nn.GELU(), nn.Linear(width, width), nn.GELU(),
-            nn.Linear(width, width), nn.GELU(), nn.Linear(width, 2 * dim),
-        )  # fmt: skip
+            nn.Linear(cond_dim, width),
+            nn.GELU(),
+            nn.Linear(width, width),
+            nn.GELU(),
+            nn.Linear(width, width),
+            nn.GELU(),
+            nn.Linear(width, 2 * dim),
+        )
 
     def log_prob(self, x, cond):
         mean, log_std = self.net(cond).chunk(2, -1)
@@ -92,7 +97,11 @@ def main(args: Args):
     x, cond = torch.randn(args.batch_size, args.dim), torch.randn(args.batch_size, args.cond_dim)
 
     def train_step(model, opt):
-        nll = torch.compile(lambda: -model.log_prob(x, cond).mean()) if args.compile else (lambda: -model.log_prob(x, cond).mean())
+        nll = (
+            torch.compile(lambda: -model.log_prob(x, cond).mean())
+            if args.compile
+            else (lambda: -model.log_prob(x, cond).mean())
+        )
         opt_step = torch.compile(opt.step) if args.compile else opt.step
 
         def step():
@@ -127,16 +136,25 @@ def main(args: Args):
     med = {key: statistics.median(v) for key, v in times.items()}
 
     mode = "torch.compile" if args.compile else "eager"
-    print(f"torch {torch.__version__}, {torch.get_num_threads()} threads, CPU, {mode}; dim {args.dim}, cond {args.cond_dim}")
-    print(f"flow: {args.num_blocks} blocks x {args.hidden_dim}, {num_params(flow):,} parameters; "
-          f"gaussian: 3 x {gauss.net[0].out_features} MLP, {num_params(gauss):,} parameters")  # fmt: skip
+    print(
+        f"torch {torch.__version__}, {torch.get_num_threads()} threads, CPU, {mode}; "
+        f"dim {args.dim}, cond {args.cond_dim}"
+    )
+    print(
+        f"flow: {args.num_blocks} blocks x {args.hidden_dim}, {num_params(flow):,} parameters; "
+        f"gaussian: 3 x {gauss.net[0].out_features} MLP, {num_params(gauss):,} parameters"
+    )
     print(f"{'':10s} {'train steps/s':>14s} {'sample b=1 (ms)':>16s} {f'sample b={args.batch_size} (ms)':>18s}")
     for name in models:
-        print(f"{name:10s} {1 / med[(name, 'train')]:14.1f} {1e3 * med[(name, 'sample1')]:16.3f} "
-              f"{1e3 * med[(name, 'sample256')]:18.3f}")  # fmt: skip
+        print(
+            f"{name:10s} {1 / med[(name, 'train')]:14.1f} {1e3 * med[(name, 'sample1')]:16.3f} "
+            f"{1e3 * med[(name, 'sample256')]:18.3f}"
+        )
     ratio = {kind: med[("flow", kind)] / med[("gaussian", kind)] for kind in ("train", "sample1", "sample256")}
-    print(f"flow / gaussian time: train step {ratio['train']:.2f}x (target <= 2), "
-          f"sample b=1 {ratio['sample1']:.2f}x (target <= 3), sample b={args.batch_size} {ratio['sample256']:.2f}x")
+    print(
+        f"flow / gaussian time: train step {ratio['train']:.2f}x (target <= 2), "
+        f"sample b=1 {ratio['sample1']:.2f}x (target <= 3), sample b={args.batch_size} {ratio['sample256']:.2f}x"
+    )
 
 
 if __name__ == "__main__":

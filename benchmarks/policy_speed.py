@@ -73,7 +73,9 @@ class Args:
 def mlp(sizes, activation=nn.SiLU, layer_norm=True) -> nn.Sequential:
     layers = []
     for i in range(len(sizes) - 2):
-        layers += [nn.Linear(sizes[i], sizes[i + 1]), activation()] + ([nn.LayerNorm(sizes[i + 1])] if layer_norm else [])
+        layers += [nn.Linear(sizes[i], sizes[i + 1]), activation()] + (
+            [nn.LayerNorm(sizes[i + 1])] if layer_norm else []
+        )
     return nn.Sequential(*layers, nn.Linear(sizes[-2], sizes[-1]))
 
 
@@ -225,15 +227,20 @@ def main(args: Args):
     ddim = DiffusionPolicy(args, dim, iter_width, args.ddim_steps)
     ddim.load_state_dict(ddpm.state_dict())
     policies = {
-        "flow": flow, "flow+denoise": denoised, "gaussian": GaussianPolicy(args, dim, gauss_width),
-        f"ddpm-{args.diffusion_steps}": ddpm, f"ddim-{args.ddim_steps}": ddim,
+        "flow": flow,
+        "flow+denoise": denoised,
+        "gaussian": GaussianPolicy(args, dim, gauss_width),
+        f"ddpm-{args.diffusion_steps}": ddpm,
+        f"ddim-{args.ddim_steps}": ddim,
         f"fm-{args.fm_steps}": FlowMatchingPolicy(args, dim, iter_width),
-    }  # fmt: skip
+    }
     for name, policy in policies.items():
         policy.to(device)
         off = num_params(policy) / num_params(flow) - 1
         if abs(off) > 0.05:
-            raise SystemExit(f"{name}: {num_params(policy):,} parameters, {off:+.1%} off the flow's {num_params(flow):,}")
+            raise SystemExit(
+                f"{name}: {num_params(policy):,} parameters, {off:+.1%} off the flow's {num_params(flow):,}"
+            )
         if args.compile:  # the whole loss and the whole sampler, loops included
             policy.loss, policy.act = torch.compile(policy.loss), torch.compile(policy.act)
 
@@ -295,20 +302,30 @@ def main(args: Args):
             times[key].append(timed(fn))
     med = {key: statistics.median(v) for key, v in times.items()}
 
-    where = f"CUDA ({torch.cuda.get_device_name()})" if device.type == "cuda" else f"CPU, {torch.get_num_threads()} threads"
-    print(f"torch {torch.__version__}, {where}, {'torch.compile' if args.compile else 'eager'}; obs {args.obs_dim}, "
-          f"actions {args.action_dim} x {args.action_horizon} = {dim}; medians of {args.rounds} rounds")  # fmt: skip
-    print(f"sizes: flow {args.num_blocks} blocks x {args.hidden_dim}; gaussian head 3 x {gauss_width}; "
-          f"diffusion / flow-matching net 4 x {iter_width}; every policy has the encoder 4 x 512 -> {args.rep_dim}")  # fmt: skip
+    where = (
+        f"CUDA ({torch.cuda.get_device_name()})" if device.type == "cuda" else f"CPU, {torch.get_num_threads()} threads"
+    )
+    print(
+        f"torch {torch.__version__}, {where}, {'torch.compile' if args.compile else 'eager'}; obs {args.obs_dim}, "
+        f"actions {args.action_dim} x {args.action_horizon} = {dim}; medians of {args.rounds} rounds"
+    )
+    print(
+        f"sizes: flow {args.num_blocks} blocks x {args.hidden_dim}; gaussian head 3 x {gauss_width}; "
+        f"diffusion / flow-matching net 4 x {iter_width}; every policy has the encoder 4 x 512 -> {args.rep_dim}"
+    )
     print()
-    print(f"| policy | parameters | train steps/s (b={args.batch_size}) | latency b=1 (ms) | latency b={args.batch_size} (ms) "
-          f"| b=1 time / flow's |")  # fmt: skip
+    print(
+        f"| policy | parameters | train steps/s (b={args.batch_size}) | latency b=1 (ms) "
+        f"| latency b={args.batch_size} (ms) | b=1 time / flow's |"
+    )
     print("|---|---|---|---|---|---|")
     for name, policy in policies.items():
         train = f"{1 / med[(name, 'train')]:.1f}" if (name, "train") in med else "(as flow)"
         ratio = med[(name, "b1")] / med[("flow", "b1")]
-        print(f"| {name} | {num_params(policy):,} | {train} | {1e3 * med[(name, 'b1')]:.3f} | {1e3 * med[(name, 'bN')]:.2f} "
-              f"| {ratio:.2f} |")  # fmt: skip
+        print(
+            f"| {name} | {num_params(policy):,} | {train} | {1e3 * med[(name, 'b1')]:.3f} "
+            f"| {1e3 * med[(name, 'bN')]:.2f} | {ratio:.2f} |"
+        )
     print()
     b1 = {name: med[(name, "b1")] for name in policies}
     ddpm_name, fm_name = f"ddpm-{args.diffusion_steps}", f"fm-{args.fm_steps}"

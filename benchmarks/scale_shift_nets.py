@@ -120,8 +120,10 @@ def main(args: Args):
         nlls = [r[0] for r in results]
         ms = 1e3 * statistics.median(r[1] for r in results)
         spread = statistics.stdev(nlls) if len(nlls) > 1 else 0.0
-        print(f"{name:18s}: NLL {statistics.mean(nlls):.3f} +- {spread:.3f} ({args.seeds} seeds, {args.steps} steps), "
-              f"{results[0][2]:,} parameters, {ms:.1f} ms/step")  # fmt: skip
+        print(
+            f"{name:18s}: NLL {statistics.mean(nlls):.3f} +- {spread:.3f} ({args.seeds} seeds, {args.steps} steps), "
+            f"{results[0][2]:,} parameters, {ms:.1f} ms/step"
+        )
 
 
 if __name__ == "__main__":

@@ -121,8 +121,9 @@ def differences(a, b, atol: float, where: str = ""):
         elif a.is_floating_point() and atol > 0:
             if not torch.allclose(a, b, rtol=0, atol=atol, equal_nan=True):
                 yield f"{where}: max |diff| {(a - b).abs().max().item():.3g}"
-        elif not torch.equal(a, b) and not (a.is_floating_point() and torch.equal(a.isnan(), b.isnan())
-                                            and torch.equal(a.nan_to_num(), b.nan_to_num())):  # fmt: skip
+        elif not torch.equal(a, b) and not (
+            a.is_floating_point() and torch.equal(a.isnan(), b.isnan()) and torch.equal(a.nan_to_num(), b.nan_to_num())
+        ):
             yield f"{where}: differs"
     elif a != b:
         yield f"{where}: {str(a)[:60]} vs {str(b)[:60]}"
@@ -165,8 +166,10 @@ def main(args: Args):
             trees[label] = checkout(revision, os.path.join(work, f"tree_{label}"))
         data = os.path.join(work, "data")
         if not os.path.exists(os.path.join(data, "pointmaze-medium-multigoal-v0.npz")):
-            for name, size in (("pointmaze-medium-navigate-v0", dict(num_transitions=2_000, episode_steps=250)),
-                               ("pointmaze-medium-multigoal-v0", dict(num_episodes=20))):  # fmt: skip
+            for name, size in (
+                ("pointmaze-medium-navigate-v0", dict(num_transitions=2_000, episode_steps=250)),
+                ("pointmaze-medium-multigoal-v0", dict(num_episodes=20)),
+            ):
                 make_dataset.make_dataset(make_dataset.Args(env_name=name, dataset_dir=data, num_workers=1, **size))
         runs = {name: run for name, run in RUNS.items() if args.only in name}
 

@@ -47,7 +47,9 @@ def main(args: Args):
     images = [[plt.imread(p) for p in row] for row in paths]
     height, width = images[0][0].shape[:2]
     columns = max(len(row) for row in paths)
-    fig, axes = plt.subplots(len(paths), columns, squeeze=False, figsize=(width * columns / 100, height * len(paths) / 100))
+    fig, axes = plt.subplots(
+        len(paths), columns, squeeze=False, figsize=(width * columns / 100, height * len(paths) / 100)
+    )
     for row, ax_row in zip(images, axes):
         for ax in ax_row:
             ax.axis("off")

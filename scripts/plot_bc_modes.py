@@ -38,7 +38,7 @@ class Args:
 
 
 def load(path: str):
-    checkpoint = torch.load(nf_bc.find_checkpoint(path), map_location="cpu", weights_only=True)
+    checkpoint, _ = nf_bc.load_checkpoint(path, "--flow/--gaussian")
     args = nf_bc.Args(**checkpoint["args"])
     train, _, envs, _, _ = nf_bc.load_task(args, num_envs=1)
     if "goal_ijs" not in train:
@@ -134,7 +134,8 @@ def main(args: Args):
         ax.set_title(f"{name} rollouts: {reached.sum()}/{args.rollouts} reach a goal")
         print(
             f"{name}: {reached.sum()}/{args.rollouts} reach a goal; per goal {reached.tolist()} "
-            f"(cells {train['goal_ijs'].tolist()}); steps to a goal: mean {np.mean(lengths) if lengths else float('nan'):.1f}"
+            f"(cells {train['goal_ijs'].tolist()}); "
+            f"steps to a goal: mean {np.mean(lengths) if lengths else float('nan'):.1f}"
         )
     fig.tight_layout()
     fig.savefig(args.out, dpi=110)

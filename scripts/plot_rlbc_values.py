@@ -48,12 +48,14 @@ class Args:
 def load(path: str, step: Optional[int]):
     if step is not None and os.path.isdir(path):
         path = os.path.join(path, "checkpoints", f"step_{step}.pt")
-    checkpoint = torch.load(nf_rlbc.find_checkpoint(path), map_location="cpu", weights_only=True)
+    checkpoint, _ = nf_rlbc.load_checkpoint(path, "--runs")
     args = nf_rlbc.Args(**checkpoint["args"])
     action_dim = checkpoint["actor"]["action_low"].numel()
     obs_dim = checkpoint["critic"]["nets.0.0.weight"].shape[1] - action_dim
     if args.source != "ogbench" or not args.env_id.startswith("pointmaze") or obs_dim != 2:
-        raise SystemExit(f"{path}: this picture is for pointmaze singletask runs (2-D x-y observations); got {args.env_id}")
+        raise SystemExit(
+            f"{path}: this picture is for pointmaze singletask runs (2-D x-y observations); got {args.env_id}"
+        )
     actor = (nf_rlbc.FlowActor if args.policy == "flow" else nf_rlbc.GaussianActor)(obs_dim, action_dim, args)
     actor.load_state_dict(checkpoint["actor"])
     critic = nf_rlbc.Critic(obs_dim, action_dim, args.critic_dim)
@@ -73,7 +75,7 @@ def value_and_direction(actor, critic, xy: np.ndarray, samples: int):
 
 
 def evaluated_success(run: str, step: int, env_steps: int) -> str:
-    """", success 0.68" from the run's eval.csv at that checkpoint, if it was evaluated there."""
+    """ ", success 0.68" from the run's eval.csv at that checkpoint, if it was evaluated there."""
     path = os.path.join(run if os.path.isdir(run) else os.path.dirname(os.path.dirname(run)), "eval.csv")
     if os.path.exists(path):
         with open(path, newline="") as f:
@@ -99,17 +101,36 @@ def main(args: Args):
         grid, unit = np.asarray(maze.maze_map), float(maze._maze_unit)
         low = -np.array([maze._offset_x, maze._offset_y]) - unit / 2
         high = low + unit * np.array(grid.shape[::-1])
-        xs, ys = np.arange(low[0], high[0], args.resolution) + args.resolution / 2, np.arange(low[1], high[1], args.resolution) + args.resolution / 2
+        xs, ys = (
+            np.arange(low[0], high[0], args.resolution) + args.resolution / 2,
+            np.arange(low[1], high[1], args.resolution) + args.resolution / 2,
+        )
         xx, yy = np.meshgrid(xs, ys)
         xy = np.stack([xx.ravel(), yy.ravel()], -1)
-        free = grid[np.floor((xy[:, 1] - low[1]) / unit).astype(int), np.floor((xy[:, 0] - low[0]) / unit).astype(int)] == 0
+        free = (
+            grid[np.floor((xy[:, 1] - low[1]) / unit).astype(int), np.floor((xy[:, 0] - low[0]) / unit).astype(int)]
+            == 0
+        )
         values = np.full(len(xy), np.nan)
         values[free] = value_and_direction(actor, critic, xy[free], args.samples)[0]
-        image = ax.imshow(values.reshape(xx.shape), origin="lower", extent=[low[0], high[0], low[1], high[1]], cmap="viridis")
-        ax.imshow(np.where(grid == 1, 1.0, np.nan), origin="lower", extent=[low[0], high[0], low[1], high[1]], cmap="Greys", vmin=0, vmax=1.2)
+        image = ax.imshow(
+            values.reshape(xx.shape), origin="lower", extent=[low[0], high[0], low[1], high[1]], cmap="viridis"
+        )
+        ax.imshow(
+            np.where(grid == 1, 1.0, np.nan),
+            origin="lower",
+            extent=[low[0], high[0], low[1], high[1]],
+            cmap="Greys",
+            vmin=0,
+            vmax=1.2,
+        )
         fig.colorbar(image, ax=ax, fraction=0.046, pad=0.04, label="V(s) = E min Q(s, a)")
-        centres = np.array([maze.ij_to_xy((i, j)) for i in range(grid.shape[0]) for j in range(grid.shape[1]) if grid[i, j] == 0])
-        arrows = np.concatenate([centres + unit * np.array(o) for o in ((-0.25, -0.25), (-0.25, 0.25), (0.25, -0.25), (0.25, 0.25))])
+        centres = np.array(
+            [maze.ij_to_xy((i, j)) for i in range(grid.shape[0]) for j in range(grid.shape[1]) if grid[i, j] == 0]
+        )
+        arrows = np.concatenate(
+            [centres + unit * np.array(o) for o in ((-0.25, -0.25), (-0.25, 0.25), (0.25, -0.25), (0.25, 0.25))]
+        )
         direction = value_and_direction(actor, critic, arrows, args.samples)[1]
         ax.quiver(arrows[:, 0], arrows[:, 1], direction[:, 0], direction[:, 1], color="white", scale=12, width=0.005)
         info = maze.cur_task_info
@@ -125,7 +146,9 @@ def main(args: Args):
         ax.scatter([goal[0]], [goal[1]], marker="*", s=220, c="orange", edgecolors="k", zorder=3, label="goal")
         ax.set_xticks([])
         ax.set_yticks([])
-        steps = f"{checkpoint['step']:,} steps" + (f" + {checkpoint['env_steps']:,} online env steps" if checkpoint["env_steps"] else "")
+        steps = f"{checkpoint['step']:,} steps" + (
+            f" + {checkpoint['env_steps']:,} online env steps" if checkpoint["env_steps"] else ""
+        )
         success = evaluated_success(run, checkpoint["step"], checkpoint["env_steps"])
         ax.set_title(f"{run_args.policy} actor, seed {run_args.seed}, {steps}{success}\n{run_args.env_id}", fontsize=8)
         ax.legend(loc="upper center", bbox_to_anchor=(0.5, -0.01), ncol=2, fontsize=7, frameon=False)

@@ -36,10 +36,17 @@ def main(root: str):
     columns = {c for runs in groups.values() for rows in runs for c in rows[0]}
     at_keys = [k for k in ("step", "env_steps") if k in columns]  # where an evaluation sits
     extras = [(k, name) for k, name in (("val_nll", "val NLL"), ("coverage", "coverage")) if k in columns]
-    tasks = sorted((c for c in columns if re.fullmatch(r"task\d+(_success)?", c)), key=lambda c: int(re.findall(r"\d+", c)[0]))
-    print("| env | experiment | policy | seeds | " + " | ".join(k.replace("_", " ") for k in at_keys)
-          + " | success (mean +- std) | per seed | " + "".join(f"{name} | " for _, name in extras)
-          + ("success per task (mean) | " if tasks else "") + "wall time (min) |")  # fmt: skip
+    tasks = sorted(
+        (c for c in columns if re.fullmatch(r"task\d+(_success)?", c)), key=lambda c: int(re.findall(r"\d+", c)[0])
+    )
+    print(
+        "| env | experiment | policy | seeds | "
+        + " | ".join(k.replace("_", " ") for k in at_keys)
+        + " | success (mean +- std) | per seed | "
+        + "".join(f"{name} | " for _, name in extras)
+        + ("success per task (mean) | " if tasks else "")
+        + "wall time (min) |"
+    )
     print("|---" * (7 + len(at_keys) + len(extras) + bool(tasks)) + "|")
     for (env, exp, policy), runs in sorted(groups.items()):
 
@@ -56,13 +63,21 @@ def main(root: str):
                 per_seed = f" ({', '.join(f'{v:.2f}' for v in values)})" if len(values) > 1 else ""
                 cells.append(f"{statistics.mean(values):.2f}{per_seed}" if values else "-")
             if tasks:
-                per_task = [statistics.mean(float(r[t]) for r in at) if all(r.get(t) not in (None, "", "nan") for r in at)
-                            else math.nan for t in tasks]  # fmt: skip
+                per_task = [
+                    statistics.mean(float(r[t]) for r in at)
+                    if all(r.get(t) not in (None, "", "nan") for r in at)
+                    else math.nan
+                    for t in tasks
+                ]
                 cells.append(", ".join(f"{v:.2f}" for v in per_task))
             wall = statistics.mean(float(r["wall_time"]) for r in at) / 60
-            print(f"| {env} | {exp} | {policy} | {len(at)} | " + " | ".join(f"{v:,}" for v in key)
-                  + f" | {statistics.mean(success):.3f} +- {spread:.3f} | {', '.join(f'{s:.2f}' for s in success)} | "
-                  + "".join(f"{c} | " for c in cells) + f"{wall:.1f} |")  # fmt: skip
+            print(
+                f"| {env} | {exp} | {policy} | {len(at)} | "
+                + " | ".join(f"{v:,}" for v in key)
+                + f" | {statistics.mean(success):.3f} +- {spread:.3f} | {', '.join(f'{s:.2f}' for s in success)} | "
+                + "".join(f"{c} | " for c in cells)
+                + f"{wall:.1f} |"
+            )
 
 
 if __name__ == "__main__":

@@ -17,8 +17,15 @@ MINARI_ID = "test/pendulum/random-v0"
 def pointmaze_dir(tmp_path_factory):
     """A tiny pointmaze-medium-navigate set (4 + 1 episodes x 250 steps), for goal-conditioned and singletask names."""
     path = tmp_path_factory.mktemp("pointmaze")
-    make_dataset.make_dataset(make_dataset.Args(env_name="pointmaze-medium-navigate-v0", dataset_dir=str(path),
-                                                num_transitions=1_000, episode_steps=250, num_workers=1))  # fmt: skip
+    make_dataset.make_dataset(
+        make_dataset.Args(
+            env_name="pointmaze-medium-navigate-v0",
+            dataset_dir=str(path),
+            num_transitions=1_000,
+            episode_steps=250,
+            num_workers=1,
+        )
+    )
     return str(path)
 
 
@@ -42,9 +49,23 @@ def minari_dir(tmp_path_factory):
             action = rng.uniform(-2, 2, 1).astype(np.float32)
             ob, reward, *_ = env.step(action)
             obs.append(ob), actions.append(action), rewards.append(reward)
-        buffers.append(EpisodeBuffer(observations=np.array(obs), actions=np.array(actions), rewards=np.array(rewards),
-                                     terminations=np.zeros(40, bool), truncations=np.arange(40) == 39))  # fmt: skip
-    minari.create_dataset_from_buffers(MINARI_ID, buffers, env=env, eval_env="Pendulum-v1", algorithm_name="random",
-                                       ref_min_score=-1500.0, ref_max_score=0.0)  # fmt: skip
+        buffers.append(
+            EpisodeBuffer(
+                observations=np.array(obs),
+                actions=np.array(actions),
+                rewards=np.array(rewards),
+                terminations=np.zeros(40, bool),
+                truncations=np.arange(40) == 39,
+            )
+        )
+    minari.create_dataset_from_buffers(
+        MINARI_ID,
+        buffers,
+        env=env,
+        eval_env="Pendulum-v1",
+        algorithm_name="random",
+        ref_min_score=-1500.0,
+        ref_max_score=0.0,
+    )
     yield str(path)
     patch.undo()

@@ -14,18 +14,40 @@ import nf_bc
 import nf_gcbc
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
-QUICK = ["--total-steps", "4", "--batch-size", "16", "--log-interval", "2", "--eval-interval", "4", "--save-interval", "2",
-         "--eval-episodes", "1", "--eval-max-steps", "3", "--warmup-steps", "2", "--num-blocks", "2", "--hidden-dim", "32",
-         "--rep-dim", "16", "--no-cuda"]  # fmt: skip
+QUICK = ["--total-steps", "4", "--batch-size", "16", "--log-interval", "2", "--eval-interval", "4",
+         "--save-interval", "2", "--eval-episodes", "1", "--eval-max-steps", "3", "--warmup-steps", "2",
+         "--num-blocks", "2", "--hidden-dim", "32", "--rep-dim", "16", "--no-cuda"]  # fmt: skip
 SCRIPTS = {
     "nf_gcbc.py": (nf_gcbc, lambda d: ["--env-id", "pointmaze-medium-navigate-v0", "--dataset-dir", d]),
-    "nf_bc.py": (nf_bc, lambda d: ["--source", "ogbench", "--env-id", "pointmaze-medium-navigate-singletask-task1-v0",
-                                   "--dataset-dir", d, "--obs-horizon", "2", "--action-horizon", "3", "--exec-horizon", "2"]),
-}  # fmt: skip
+    "nf_bc.py": (
+        nf_bc,
+        lambda d: [
+            "--source",
+            "ogbench",
+            "--env-id",
+            "pointmaze-medium-navigate-singletask-task1-v0",
+            "--dataset-dir",
+            d,
+            "--obs-horizon",
+            "2",
+            "--action-horizon",
+            "3",
+            "--exec-horizon",
+            "2",
+        ],
+    ),
+}
 
 
 def torchrun(script: str, argv, processes: int = 2):
-    command = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc-per-node={processes}", script] + argv
+    command = [
+        sys.executable,
+        "-m",
+        "torch.distributed.run",
+        "--standalone",
+        f"--nproc-per-node={processes}",
+        script,
+    ] + argv
     env = dict(os.environ, OMP_NUM_THREADS="1")
     return subprocess.run(command, cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
 
@@ -72,7 +94,9 @@ def test_a_global_batch_that_does_not_divide_is_a_clear_error(tmp_path, pointmaz
     argv = data_args(pointmaze_dir) + QUICK + ["--batch-size", "15", "--output-dir", str(tmp_path)]
     done = torchrun("nf_gcbc.py", argv)
     assert done.returncode != 0
-    assert "--batch-size 15 is the global batch and must divide evenly among the 2 processes" in done.stdout + done.stderr
+    assert (
+        "--batch-size 15 is the global batch and must divide evenly among the 2 processes" in done.stdout + done.stderr
+    )
     output = done.stdout + done.stderr
     assert output.count("must divide evenly") == 1  # said once, by rank 0
     assert 'nf_gcbc.py", line' not in output  # no traceback from the script (torchrun prints its own summary)

@@ -33,7 +33,9 @@ def test_tiny_pointmaze_loads_through_ogbench(tmp_path):
     paths = make(tmp_path, "pointmaze-medium-navigate-v0", num_transitions=5_000)
     check_raw_episodes(paths["train"], 1001, 5)
     check_raw_episodes(paths["val"], 1001, 1)
-    env, train, val = ogbench.make_env_and_datasets("pointmaze-medium-navigate-v0", dataset_dir=str(tmp_path), add_info=True)
+    env, train, val = ogbench.make_env_and_datasets(
+        "pointmaze-medium-navigate-v0", dataset_dir=str(tmp_path), add_info=True
+    )
     # OGBench drops the last observation of each episode to build next_observations
     assert train["observations"].shape == (5 * 1000, 2) and val["observations"].shape == (1000, 2)
     assert train["actions"].shape == (5000, 2) and np.abs(train["actions"]).max() <= 1
@@ -43,7 +45,9 @@ def test_tiny_pointmaze_loads_through_ogbench(tmp_path):
     assert env.observation_space.shape == (2,)
     successes = []
     for task in range(1, 6):
-        _, train, _ = ogbench.make_env_and_datasets(f"pointmaze-medium-navigate-singletask-task{task}-v0", dataset_dir=str(tmp_path))
+        _, train, _ = ogbench.make_env_and_datasets(
+            f"pointmaze-medium-navigate-singletask-task{task}-v0", dataset_dir=str(tmp_path)
+        )
         assert set(np.unique(train["rewards"])) <= {-1.0, 0.0}
         np.testing.assert_array_equal(train["masks"], -train["rewards"])
         successes.append((train["rewards"] == 0).sum())
@@ -71,7 +75,9 @@ def test_tiny_cube_single_loads_through_ogbench(tmp_path):
 
 def test_tiny_scene_singletask_rewards_vary(tmp_path):
     make(tmp_path, "scene-play-v0", num_transitions=300, episode_steps=300)
-    _, train, _ = ogbench.make_env_and_datasets("scene-play-singletask-task1-v0", dataset_dir=str(tmp_path), add_info=True)
+    _, train, _ = ogbench.make_env_and_datasets(
+        "scene-play-singletask-task1-v0", dataset_dir=str(tmp_path), add_info=True
+    )
     assert train["button_states"].dtype == np.int64 and train["button_states"].shape == (299, 2)
     rewards = train["rewards"]
     assert rewards.min() >= -5 and rewards.max() <= 0  # 5 objects: cube, 2 buttons, drawer, window
@@ -105,7 +111,9 @@ def test_oracle_without_noise_solves_the_evaluation_tasks():
                 if terminated or truncated:
                     break
             (successes if final_approach else reached_cell).append(success if final_approach else in_cell)
-    print(f"noise-free oracle on pointmaze-medium tasks 1-5: goal cell reached {reached_cell}, goal reached {successes}")
+    print(
+        f"noise-free oracle on pointmaze-medium tasks 1-5: goal cell reached {reached_cell}, goal reached {successes}"
+    )
     assert all(reached_cell)
     assert np.mean(successes) >= 0.9
 
@@ -115,14 +123,18 @@ def test_unknown_and_expert_datasets_are_explained():
         make_dataset.recipe_for("pointmaze-medum-navigate-v0")
     with pytest.raises(ValueError, match="(?s)expert policies.*download_datasets"):
         make_dataset.recipe_for("antmaze-large-navigate-v0")
-    assert make_dataset.recipe_for("cube-single-play-singletask-task3-v0") is make_dataset.RECIPES["cube-single-play-v0"]
+    assert (
+        make_dataset.recipe_for("cube-single-play-singletask-task3-v0") is make_dataset.RECIPES["cube-single-play-v0"]
+    )
 
 
 def test_cli_errors_are_one_line_not_a_traceback(tmp_path):
     out = subprocess.run(
         [sys.executable, "make_dataset.py", "humanoidmaze-medium-navigate-v0", "--dataset-dir", str(tmp_path)],
-        cwd=ROOT, capture_output=True, text=True,
-    )  # fmt: skip
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+    )
     assert out.returncode != 0 and "Traceback" not in out.stderr
     assert "cannot be regenerated here" in out.stderr
 

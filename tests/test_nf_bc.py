@@ -67,8 +67,11 @@ def test_each_source_trains_evaluates_and_reloads(tmp_path, npz_dir, pointmaze_d
     )
     evaluations = rows(run_dir)
     assert [int(r["step"]) for r in evaluations] == [0, 3, 6]
-    defined = {"npz": ["val_nll", "return", "success"], "ogbench": ["val_nll", "return", "success"],
-               "minari": ["val_nll", "return", "score"]}[source]  # fmt: skip
+    defined = {
+        "npz": ["val_nll", "return", "success"],
+        "ogbench": ["val_nll", "return", "success"],
+        "minari": ["val_nll", "return", "score"],
+    }[source]
     for row in evaluations:
         for key in ["val_nll", "return", "success", "score"]:
             assert math.isfinite(float(row[key])) == (key in defined), (key, row)
@@ -94,8 +97,11 @@ def test_one_dimensional_actions_without_chunks(tmp_path, minari_dir):
 
 
 def test_chunks_and_histories_stay_inside_their_episode():
-    data = {"observations": np.arange(7, dtype=np.float32)[:, None], "actions": 10 + np.arange(7, dtype=np.float32)[:, None],
-            "terminals": np.array([0, 0, 1, 0, 0, 0, 1], bool)}  # episodes 0-2 and 3-6  # fmt: skip
+    data = {
+        "observations": np.arange(7, dtype=np.float32)[:, None],
+        "actions": 10 + np.arange(7, dtype=np.float32)[:, None],
+        "terminals": np.array([0, 0, 1, 0, 0, 0, 1], bool),
+    }  # episodes 0-2 and 3-6
     dataset = nf_bc.ChunkDataset(data, obs_horizon=3, action_horizon=3, device=torch.device("cpu"))
     assert dataset.obs_index.tolist() == [[0, 0, 0], [0, 0, 1], [0, 1, 2], [3, 3, 3], [3, 3, 4], [3, 4, 5], [4, 5, 6]]
     assert dataset.action_index.tolist() == [
@@ -169,9 +175,11 @@ def test_resumed_run_matches_an_uninterrupted_one(tmp_path, npz_dir, pointmaze_d
 
 
 def test_plain_npz_without_an_environment_reports_validation_nll(tmp_path):
-    data = {"observations": np.random.default_rng(0).normal(size=(60, 3)).astype(np.float32),
-            "actions": np.random.default_rng(1).uniform(-1, 1, (60, 2)).astype(np.float32),
-            "terminals": np.arange(60) % 20 == 19}  # fmt: skip
+    data = {
+        "observations": np.random.default_rng(0).normal(size=(60, 3)).astype(np.float32),
+        "actions": np.random.default_rng(1).uniform(-1, 1, (60, 2)).astype(np.float32),
+        "terminals": np.arange(60) % 20 == 19,
+    }
     np.savez(tmp_path / "demos.npz", **data)
     np.savez(tmp_path / "demos-val.npz", **data)
     run_dir, _ = run(["--env-id", "demos", "--dataset-dir", str(tmp_path), "--output-dir", str(tmp_path)] + QUICK)
@@ -265,12 +273,16 @@ def test_dict_observations_flatten_the_same_for_a_step_and_an_episode():
     space = Dict(
         {"observation": Box(-1, 1, (3,)), "desired_goal": Dict({"kettle": Box(-1, 1, (2,)), "light": Box(-1, 1, (1,))})}
     )
-    episode = {"observation": np.arange(12.0).reshape(4, 3),
-               "desired_goal": {"kettle": 100 + np.arange(8.0).reshape(4, 2), "light": 200 + np.arange(4.0)[:, None]}}  # fmt: skip
+    episode = {
+        "observation": np.arange(12.0).reshape(4, 3),
+        "desired_goal": {"kettle": 100 + np.arange(8.0).reshape(4, 2), "light": 200 + np.arange(4.0)[:, None]},
+    }
     flat = nf_bc.flatten_observation(space, episode)
     assert flat.shape == (4, 6) and flat.dtype == np.float32
     for t in range(4):
-        step = {"observation": episode["observation"][t],
-                "desired_goal": {k: v[t] for k, v in episode["desired_goal"].items()}}  # fmt: skip
+        step = {
+            "observation": episode["observation"][t],
+            "desired_goal": {k: v[t] for k, v in episode["desired_goal"].items()},
+        }
         np.testing.assert_array_equal(nf_bc.flatten_observation(space, step), flat[t])
         np.testing.assert_array_equal(gymnasium.spaces.flatten(space, step), flat[t])  # gymnasium's order too

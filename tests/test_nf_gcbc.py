@@ -31,7 +31,9 @@ def params(path):
 
 @pytest.mark.parametrize("policy", ["flow", "gaussian"])
 def test_run_writes_evaluations_and_checkpoints_that_reload(tmp_path, pointmaze_dir, policy):
-    run_dir, trained = run(["--env-id", ENV, "--dataset-dir", pointmaze_dir, "--output-dir", str(tmp_path), "--policy", policy] + QUICK)
+    run_dir, trained = run(
+        ["--env-id", ENV, "--dataset-dir", pointmaze_dir, "--output-dir", str(tmp_path), "--policy", policy] + QUICK
+    )
     with open(f"{run_dir}/eval.csv") as f:
         rows = list(csv.DictReader(f))
     assert [int(r["step"]) for r in rows] == [0, 3, 6]
@@ -51,7 +53,10 @@ def test_run_writes_evaluations_and_checkpoints_that_reload(tmp_path, pointmaze_
 
 @pytest.mark.parametrize("policy", ["flow", "gaussian"])
 def test_resumed_run_matches_an_uninterrupted_one(tmp_path, pointmaze_dir, policy):
-    run_dir, _ = run(["--env-id", ENV, "--dataset-dir", pointmaze_dir, "--output-dir", str(tmp_path / "a"), "--policy", policy] + QUICK)
+    run_dir, _ = run(
+        ["--env-id", ENV, "--dataset-dir", pointmaze_dir, "--output-dir", str(tmp_path / "a"), "--policy", policy]
+        + QUICK
+    )
     copy = str(tmp_path / "copy")
     shutil.copytree(run_dir, copy)
     run(["--resume", f"{copy}/checkpoints/step_3.pt"])
@@ -60,7 +65,10 @@ def test_resumed_run_matches_an_uninterrupted_one(tmp_path, pointmaze_dir, polic
     with open(f"{copy}/eval.csv") as f:
         assert [int(r["step"]) for r in csv.DictReader(f)] == [0, 3, 6]
     # the same seed gives the same numbers
-    again, _ = run(["--env-id", ENV, "--dataset-dir", pointmaze_dir, "--output-dir", str(tmp_path / "b"), "--policy", policy] + QUICK)
+    again, _ = run(
+        ["--env-id", ENV, "--dataset-dir", pointmaze_dir, "--output-dir", str(tmp_path / "b"), "--policy", policy]
+        + QUICK
+    )
     for key, value in params(f"{run_dir}/checkpoints/step_6.pt").items():
         torch.testing.assert_close(params(f"{again}/checkpoints/step_6.pt")[key], value, rtol=0, atol=0)
     evaluations = []
@@ -72,7 +80,7 @@ def test_resumed_run_matches_an_uninterrupted_one(tmp_path, pointmaze_dir, polic
 
 def test_resume_from_run_directory_picks_the_last_checkpoint(tmp_path, pointmaze_dir):
     run_dir, _ = run(["--env-id", ENV, "--dataset-dir", pointmaze_dir, "--output-dir", str(tmp_path)] + QUICK)
-    assert nf_gcbc.find_checkpoint(run_dir).endswith("step_6.pt")
+    assert nf_gcbc.load_checkpoint(run_dir)[1].endswith("step_6.pt")
 
 
 def test_clear_errors(tmp_path, pointmaze_dir):
@@ -112,15 +120,26 @@ def test_goals_come_from_the_same_trajectory(pointmaze_dir):
 
 
 def can_render():
-    code = "import gymnasium, ogbench; e = gymnasium.make('pointmaze-medium-v0', render_mode='rgb_array', width=32, height=32); e.reset(); e.render()"
-    return subprocess.run([sys.executable, "-c", code], env=dict(os.environ, MUJOCO_GL="egl"), capture_output=True).returncode == 0
+    code = "import gymnasium, ogbench; e = gymnasium.make('pointmaze-medium-v0', render_mode='rgb_array', width=32, "
+    code += "height=32); e.reset(); e.render()"
+    return (
+        subprocess.run(
+            [sys.executable, "-c", code], env=dict(os.environ, MUJOCO_GL="egl"), capture_output=True
+        ).returncode
+        == 0
+    )
 
 
 @pytest.mark.skipif(not can_render(), reason="no offscreen OpenGL (EGL) for MuJoCo here")
 def test_capture_video_writes_one_video_per_task_and_evaluation(tmp_path, pointmaze_dir):
     argv = ["--env-id", ENV, "--dataset-dir", pointmaze_dir, "--output-dir", str(tmp_path), "--capture-video"] + QUICK
-    out = subprocess.run([sys.executable, "nf_gcbc.py"] + argv, cwd=ROOT, env=dict(os.environ, MUJOCO_GL="egl", OMP_NUM_THREADS="1"),
-                         capture_output=True, text=True)  # fmt: skip
+    out = subprocess.run(
+        [sys.executable, "nf_gcbc.py"] + argv,
+        cwd=ROOT,
+        env=dict(os.environ, MUJOCO_GL="egl", OMP_NUM_THREADS="1"),
+        capture_output=True,
+        text=True,
+    )
     assert out.returncode == 0, out.stderr[-2000:]
     (run_dir,) = list(tmp_path.iterdir())
     videos = sorted(os.listdir(run_dir / "videos"))
@@ -135,7 +154,16 @@ def test_capture_video_without_a_display_says_how(tmp_path, pointmaze_dir, monke
 
 
 def test_non_finite_loss_stops_before_a_checkpoint_is_written(tmp_path, pointmaze_dir):
-    argv = ["--env-id", ENV, "--dataset-dir", pointmaze_dir, "--output-dir", str(tmp_path), "--learning-rate", "1e9"] + QUICK
+    argv = [
+        "--env-id",
+        ENV,
+        "--dataset-dir",
+        pointmaze_dir,
+        "--output-dir",
+        str(tmp_path),
+        "--learning-rate",
+        "1e9",
+    ] + QUICK
     argv += ["--log-interval", "1000"]  # logging never comes first: the save at step 3 must still be guarded
     with pytest.raises(SystemExit, match="non-finite training loss at step"):
         run(argv)

@@ -38,7 +38,9 @@ def rows(run_dir):
         return list(csv.DictReader(f))
 
 
-@pytest.mark.parametrize("strategy,density", [("min-density", "flow"), ("uniform", "flow"), ("oracle", "flow"), ("min-density", "gaussian")])
+@pytest.mark.parametrize(
+    "strategy,density", [("min-density", "flow"), ("uniform", "flow"), ("oracle", "flow"), ("min-density", "gaussian")]
+)
 def test_each_goal_strategy_explores_evaluates_and_draws(tmp_path, strategy, density):
     run_dir, actor = run(["--output-dir", str(tmp_path), "--goal-strategy", strategy, "--density", density] + QUICK)
     evaluations = rows(run_dir)
@@ -60,8 +62,17 @@ def test_each_goal_strategy_explores_evaluates_and_draws(tmp_path, strategy, den
         with pytest.raises(SystemExit, match="no such heat map"):
             montage.main(montage.Args(runs=[run_dir], env_steps=[150], out=str(tmp_path / "none.png")))
     checkpoint = torch.load(f"{run_dir}/checkpoints/step_300.pt", weights_only=True)
-    assert set(checkpoint) >= {"actor", "density", "actor_optimizer", "density_optimizer", "log_temperature", "buffer",
-                               "cell_visits", "env_steps", "args"}  # fmt: skip
+    assert set(checkpoint) >= {
+        "actor",
+        "density",
+        "actor_optimizer",
+        "density_optimizer",
+        "log_temperature",
+        "buffer",
+        "cell_visits",
+        "env_steps",
+        "args",
+    }
     assert checkpoint["buffer"]["episodes"] == 8 and int(checkpoint["cell_visits"].sum()) == 300
     assert len(checkpoint["recent_goals"]) > 0
     if strategy == "oracle":  # only the evaluation goals are ever commanded
@@ -84,9 +95,13 @@ def test_min_density_selector_picks_the_least_likely_candidate():
     rng = np.random.default_rng(0)
     chosen = nf_goal_explore.select_goals("min-density", candidates, log_density, np.zeros((5, 2)), rng)
     np.testing.assert_array_equal(chosen, [[3.0, 4.0], [2.0, 0.0]])
-    np.testing.assert_array_equal(nf_goal_explore.select_goals("uniform", candidates, log_density, None, rng), candidates[:, 0])
+    np.testing.assert_array_equal(
+        nf_goal_explore.select_goals("uniform", candidates, log_density, None, rng), candidates[:, 0]
+    )
     oracle = np.array([[10.0, 10.0], [20.0, 20.0]])
-    assert all(g.tolist() in oracle.tolist() for g in nf_goal_explore.select_goals("oracle", candidates, None, oracle, rng))
+    assert all(
+        g.tolist() in oracle.tolist() for g in nf_goal_explore.select_goals("oracle", candidates, None, oracle, rng)
+    )
 
 
 def test_min_density_selector_with_a_fitted_flow_finds_the_rarely_visited_region():

@@ -82,8 +82,11 @@ class TableCritic(torch.nn.Module):
 
 @pytest.mark.parametrize("q_agg", ["min", "mean"])
 def test_td_target_on_a_hand_built_batch(q_agg):
-    batch = {"next_observations": torch.tensor([[1.0], [-2.0], [3.0]]), "rewards": torch.tensor([-1.0, 0.0, -1.0]),
-             "masks": torch.tensor([1.0, 0.0, 1.0])}  # fmt: skip
+    batch = {
+        "next_observations": torch.tensor([[1.0], [-2.0], [3.0]]),
+        "rewards": torch.tensor([-1.0, 0.0, -1.0]),
+        "masks": torch.tensor([1.0, 0.0, 1.0]),
+    }
     actor = FixedActor(torch.tensor([[0.5], [3.0], [-7.0]]))  # sampled next actions are clipped to [-1, 1]
     # Q_1 = s + clip(a), Q_2 = 2 s + clip(a): s' = (1, -2, 3), clipped a' = (0.5, 1, -1)
     q1, q2 = np.array([1.5, -1.0, 2.0]), np.array([2.5, -3.0, 5.0])
