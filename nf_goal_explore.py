@@ -174,33 +174,36 @@ class XYScaled(nn.Module):
         return torch.cat([self.scale_xy(obs[:, :2]), obs[:, 2:]], -1)
 
 
-class FlowDensity(XYScaled):
-    """log p(g | s, a): a flow over the 2-D goal conditioned on a (state, action) encoder; a zero condition
-    gives the marginal density of reached goals."""
+class Density(XYScaled):
+    """What both models of p(g | s, a) share: a (state, action) encoder (4 x encoder_dim, SiLU, LayerNorm) whose
+    output is the condition; a zero condition gives the marginal density of reached goals."""
 
     def __init__(self, obs_dim: int, action_dim: int, args: Args, geometry: Optional["MazeGeometry"] = None):
         super().__init__(geometry)
         self.encoder = mlp([obs_dim + action_dim] + [args.encoder_dim] * 4 + [args.rep_dim], nn.SiLU, layer_norm=True)
-        self.flow = ConditionalFlow(2, args.rep_dim, args.num_blocks, args.hidden_dim)
 
     def condition(self, obs, actions):
         return self.encoder(torch.cat([self.scale_obs(obs), actions], -1))
+
+
+class FlowDensity(Density):
+    """log p(g | s, a): a flow over the 2-D goal."""
+
+    def __init__(self, obs_dim: int, action_dim: int, args: Args, geometry: Optional["MazeGeometry"] = None):
+        super().__init__(obs_dim, action_dim, args, geometry)
+        self.flow = ConditionalFlow(2, args.rep_dim, args.num_blocks, args.hidden_dim)
 
     def log_prob(self, goals, cond):
         return self.flow.log_prob(self.scale_xy(goals), cond)
 
 
-class GaussianDensity(XYScaled):
-    """The same encoder, then a linear head to the mean and log-std (clamped to [-5, 2]) of a diagonal
-    Gaussian over the goal; a zero condition leaves the head's bias: one Gaussian over reached goals."""
+class GaussianDensity(Density):
+    """A linear head to the mean and log-std (clamped to [-5, 2]) of a diagonal Gaussian over the goal; the zero
+    condition leaves the head's bias: one Gaussian over all reached goals."""
 
     def __init__(self, obs_dim: int, action_dim: int, args: Args, geometry: Optional["MazeGeometry"] = None):
-        super().__init__(geometry)
-        self.encoder = mlp([obs_dim + action_dim] + [args.encoder_dim] * 4 + [args.rep_dim], nn.SiLU, layer_norm=True)
+        super().__init__(obs_dim, action_dim, args, geometry)
         self.head = nn.Linear(args.rep_dim, 4)
-
-    def condition(self, obs, actions):
-        return self.encoder(torch.cat([self.scale_obs(obs), actions], -1))
 
     def log_prob(self, goals, cond):
         mean, log_std = self.head(cond).chunk(2, -1)
@@ -233,17 +236,7 @@ class Actor(XYScaled):
 # --------------------------------------------------------------------------------------------- algorithm
 
 
-def update(
-    batch,
-    *,
-    density,
-    actor,
-    optimizers,
-    log_temperature,
-    condition_drop: float,
-    goal_noise: float,
-    target_entropy: float,
-) -> Dict[str, torch.Tensor]:
+def update(batch, *, density, actor, optimizers, log_temperature, condition_drop, goal_noise, target_entropy):
     """One density (critic) step, one actor step and one temperature step on a batch of hindsight goals
     (observations, actions, goals = the x-y of a later state of the same episode). Returns tensors for logging."""
     # density (the critic): NLL of noised future goals; a dropped condition (zeros) learns the marginal p(g)

@@ -256,8 +256,8 @@ def update(
     temperature = log_temperature.detach().exp() if online else 0.0
     # critic: TD toward the target critic's value of the actor's next action
     q = critic(batch["observations"], batch["actions"])
-    critic_loss = q - td_target(actor, target_critic, batch, discount=discount, q_agg=q_agg, temperature=temperature)
-    critic_loss = critic_loss.square().mean()
+    td_error = q - td_target(actor, target_critic, batch, discount=discount, q_agg=q_agg, temperature=temperature)
+    critic_loss = td_error.square().mean()
     optimizers["critic"].zero_grad(set_to_none=True)
     critic_loss.backward()
     optimizers["critic"].step()

@@ -286,3 +286,18 @@ def test_dict_observations_flatten_the_same_for_a_step_and_an_episode():
         }
         np.testing.assert_array_equal(nf_bc.flatten_observation(space, step), flat[t])
         np.testing.assert_array_equal(gymnasium.spaces.flatten(space, step), flat[t])  # gymnasium's order too
+
+
+@pytest.mark.parametrize("policy_class", [nf_bc.FlowPolicy, nf_bc.GaussianPolicy])
+def test_the_update_on_a_hand_built_batch(policy_class):
+    torch.manual_seed(0)
+    args = nf_bc.Args(num_blocks=2, hidden_dim=16, rep_dim=8, obs_horizon=2, action_horizon=3)
+    policy = policy_class(3, 2, args)
+    histories, chunks = torch.randn(5, 2, 3), torch.rand(5, 3, 2) * 2 - 1
+    expected = -policy.log_prob(histories, chunks).mean()
+    torch.testing.assert_close(nf_bc.bc_loss(policy, histories, chunks, noise_std=0.0), expected)
+    optimizer = torch.optim.AdamW(policy.parameters(), lr=1e-3)
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: 1.0)
+    logs = nf_bc.update(policy, optimizer, scheduler, (histories, chunks), noise_std=0.0)
+    torch.testing.assert_close(logs["nll"], expected.detach())
+    assert -policy.log_prob(histories, chunks).mean() < expected  # one step on the batch lowers its NLL

@@ -168,3 +168,22 @@ def test_non_finite_loss_stops_before_a_checkpoint_is_written(tmp_path, pointmaz
     with pytest.raises(SystemExit, match="non-finite training loss at step"):
         run(argv)
     assert not list(tmp_path.glob("*/checkpoints/*.pt"))
+
+
+@pytest.mark.parametrize("policy_class", [nf_gcbc.FlowPolicy, nf_gcbc.GaussianPolicy])
+def test_the_update_on_a_hand_built_batch(policy_class):
+    torch.manual_seed(0)
+    policy = policy_class(3, 2, nf_gcbc.Args(num_blocks=2, hidden_dim=16, rep_dim=8))
+    obs, goals, actions = torch.randn(5, 3), torch.randn(5, 3), torch.rand(5, 2) * 2 - 1
+    expected = -policy.log_prob(obs, goals, actions).mean()
+    loss = nf_gcbc.gcbc_loss(policy, obs, actions, goals, noise_std=0.0)  # no noise: the NLL of the batch itself
+    torch.testing.assert_close(loss, expected)
+    half = nf_gcbc.gcbc_loss(policy, obs, actions, goals, noise_std=0.0, share=slice(0, 2))  # a process's rows
+    torch.testing.assert_close(half, -policy.log_prob(obs[:2], goals[:2], actions[:2]).mean())
+    optimizer = torch.optim.AdamW(policy.parameters(), lr=1e-3)
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: 1.0)
+    before = [p.detach().clone() for p in policy.parameters()]
+    logs = nf_gcbc.update(policy, optimizer, scheduler, (obs, actions, goals), noise_std=0.0)
+    torch.testing.assert_close(logs["nll"], expected.detach())
+    assert not logs["nll"].requires_grad and any(not torch.equal(a, b) for a, b in zip(before, policy.parameters()))
+    assert -policy.log_prob(obs, goals, actions).mean() < expected  # one step on the batch lowers its NLL

@@ -1,6 +1,7 @@
 """nf_goal_explore.py end to end through its CLI on pointmaze with a tiny budget, and its parts by hand."""
 
 import csv
+import functools
 import importlib.util
 import os
 import shutil
@@ -193,3 +194,24 @@ def test_clear_errors(tmp_path):
     (tmp_path / "broken" / "checkpoints" / "step_5.pt").write_bytes(b"not a checkpoint")
     assert "not a readable checkpoint" in error(["--resume", str(tmp_path / "broken")])
     assert "no checkpoints" in error(["--resume", str(tmp_path)])
+
+
+def test_the_update_on_a_hand_built_batch():
+    """Without condition dropout and goal noise the density loss is the NLL of the batch's goals; the actor and
+    the temperature move."""
+    torch.manual_seed(0)
+    args = nf_goal_explore.Args(encoder_dim=16, actor_dim=16, hidden_dim=16, num_blocks=2, rep_dim=8)
+    density, actor = nf_goal_explore.FlowDensity(4, 2, args), nf_goal_explore.Actor(4, 2, args)
+    log_temperature = torch.zeros((), requires_grad=True)
+    adam = functools.partial(torch.optim.Adam, lr=1e-3)
+    optimizers = {"density": adam(density.parameters()), "actor": adam(actor.parameters())}
+    optimizers["temperature"] = adam([log_temperature])
+    batch = {"observations": torch.randn(6, 4), "actions": torch.rand(6, 2) * 2 - 1, "goals": torch.randn(6, 2)}
+    with torch.no_grad():
+        expected = -density.log_prob(batch["goals"], density.condition(batch["observations"], batch["actions"])).mean()
+    actor_before = [p.detach().clone() for p in actor.parameters()]
+    settings = dict(log_temperature=log_temperature, condition_drop=0.0, goal_noise=0.0, target_entropy=-1.0)
+    logs = nf_goal_explore.update(batch, density=density, actor=actor, optimizers=optimizers, **settings)
+    torch.testing.assert_close(logs["density_loss"], expected)
+    assert log_temperature.item() != 0 and any(not torch.equal(a, b) for a, b in zip(actor_before, actor.parameters()))
+    assert set(logs) == {"density_loss", "actor_loss", "log_occupancy", "entropy", "temperature"}

@@ -243,3 +243,40 @@ def test_value_picture_prints_v_at_the_start_and_the_given_points(tmp_path, poin
     assert "V(start)" in printed and "V(6.7,14.8)" in printed and os.path.getsize(out) > 0
     with pytest.raises(SystemExit, match="expected x,y"):
         plot.main(plot.Args(runs=[run_dir], out=out, samples=4, resolution=1.0, points=["6.7"]))
+
+
+@pytest.mark.parametrize("online", [False, True])
+def test_the_update_on_a_hand_built_batch(online):
+    """Offline: the temperature stays; online: it moves. Either way the target critic moves tau of the way to
+    the critic, and the BC term reads the dataset's rows only."""
+    torch.manual_seed(0)
+    args = nf_rlbc.Args(num_blocks=2, hidden_dim=16, rep_dim=8, encoder_dim=16, critic_dim=16)
+    actor, critic, target_critic = nf_rlbc.FlowActor(2, 2, args), nf_rlbc.Critic(2, 2, 16), nf_rlbc.Critic(2, 2, 16)
+    target_critic.requires_grad_(False)
+    log_temperature = torch.tensor(math.log(0.1), requires_grad=True)
+    start = log_temperature.item()
+    optimizers = {
+        "actor": torch.optim.Adam(actor.parameters(), lr=1e-3),
+        "critic": torch.optim.Adam(critic.parameters()),
+    }
+    optimizers["temperature"] = torch.optim.Adam([log_temperature], lr=1e-2)
+    batch = {
+        "observations": torch.randn(4, 2),
+        "actions": torch.rand(4, 2) * 2 - 1,
+        "rewards": -torch.ones(4),
+        "masks": torch.ones(4),
+        "next_observations": torch.randn(4, 2),
+        "offline": torch.tensor([1.0, 1, 0, 0]),
+    }
+    with torch.no_grad():
+        data_nll = -actor.flow.log_prob(batch["actions"][:2], actor.encoder(batch["observations"][:2])).mean()
+    critic_before, target_before = ([p.detach().clone() for p in c.parameters()] for c in (critic, target_critic))
+    logs = nf_rlbc.update(batch, actor=actor, critic=critic, target_critic=target_critic, optimizers=optimizers,
+                          log_temperature=log_temperature, online=online, bc_weight=1.0, entropy_weight=0.0,
+                          target_entropy=-2.0, discount=0.9, tau=0.25, q_agg="min")  # fmt: skip
+    torch.testing.assert_close(logs["bc_nll"], data_nll)  # the two online rows are not cloned
+    assert (log_temperature.item() != start) == online
+    for before, old_target, new_critic, new_target in zip(critic_before, target_before, critic.parameters(),
+                                                           target_critic.parameters()):  # fmt: skip
+        assert not torch.equal(before, new_critic)
+        torch.testing.assert_close(new_target, old_target + 0.25 * (new_critic.detach() - old_target))
