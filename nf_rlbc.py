@@ -630,6 +630,7 @@ class RunLog:
         self.scalars(step, {k: v for k, v in stats.items() if not math.isnan(v)}, "eval")
         shown = [f"{k} {v:.3f}" if isinstance(v, float) else f"{k} {v}" for k, v in stats.items()]
         tqdm.write(f"{self.fields[0]} {step}: " + ", ".join(s for s in shown if not s.endswith(" nan")))
+        self.last = (time.time(), step)  # steps per second count training only
 
     def close(self):
         self.writer.close()
