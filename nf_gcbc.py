@@ -21,7 +21,6 @@ import glob
 import json
 import math
 import os
-import sys
 import time
 from dataclasses import dataclass
 from typing import Dict, List, Literal, Optional
@@ -202,11 +201,12 @@ def load_ogbench(env_id: str, dataset_dir: str, singletask: bool):
     if ("singletask" in parts) != singletask:
         fix = f"{env_id[:-3]}-singletask-task1-v0" if singletask else env_id.split("-singletask")[0] + "-v0"
         kind = "a singletask" if singletask else "a goal-conditioned"
-        raise SystemExit(f"{env_id}: {os.path.basename(sys.argv[0])} needs {kind} dataset name, e.g. {fix}")
+        raise SystemExit(f"{env_id}: {os.path.basename(__file__)} needs {kind} dataset name, e.g. {fix}")
     dataset = "-".join(parts[: parts.index("singletask")] + parts[-1:]) if singletask else env_id
     if len(parts) < 3 or "-".join(dataset.split("-")[:-2]) + "-v0" not in gymnasium.registry:
         suffix = "-singletask-v0" if singletask else "-v0"
-        names = [f"{k[:-3]}-{kind}{suffix}" for k in gymnasium.registry for kind in ("navigate", "stitch", "play")]
+        kinds = ("navigate", "stitch", "explore", "play", "noisy")
+        names = [f"{k[:-3]}-{kind}{suffix}" for k in gymnasium.registry for kind in kinds]
         raise SystemExit(f"unknown OGBench dataset {env_id!r}" + did_you_mean(env_id, names))
     dataset_dir = os.path.expanduser(dataset_dir)
     path = os.path.join(dataset_dir, f"{dataset}.npz")
@@ -238,9 +238,7 @@ class GoalDataset:
         self.size = len(data["terminals"])
         ends = np.flatnonzero(data["terminals"])  # the last transition of each trajectory
         if len(ends) == 0 or ends[-1] != self.size - 1:
-            raise SystemExit(
-                "dataset: the last transition is not marked terminal; the file is truncated or not OGBench's"
-            )
+            raise SystemExit("dataset: the last transition is not marked terminal (a truncated file, or not OGBench's)")
         self.final = ends[np.searchsorted(ends, np.arange(self.size))]  # the end of each transition's trajectory
 
     def sample_indices(self, batch_size: int, gamma: float, rng: np.random.Generator):
