@@ -22,9 +22,11 @@ import dataclasses
 import datetime
 import difflib
 import glob
+import io
 import json
 import math
 import os
+import signal
 import time
 from dataclasses import dataclass
 from typing import Dict, List, Literal, Optional
@@ -501,26 +503,54 @@ def save_video(frames, path: str):
 
 
 def load_checkpoint(path: str, flag: str = "--resume"):
-    """(checkpoint, its path) from a checkpoint file or a run directory (its newest checkpoint), read on the CPU;
-    a clear error for anything else."""
+    """(checkpoint, its path), read on the CPU: a checkpoint file, or the newest checkpoint of a run directory
+    that loads (unreadable ones, such as a save cut short by a kill, are skipped and named). A checkpoint of
+    another script is refused in one line."""
     if os.path.isdir(path):
         found = glob.glob(os.path.join(path, "checkpoints", "step_*.pt"))
+        found.sort(key=lambda p: int(p.rsplit("_", 1)[1][:-3]), reverse=True)
         if not found:
             raise SystemExit(f"{flag} {path}: no checkpoints/step_*.pt in that run directory")
-        path = max(found, key=lambda p: int(p.rsplit("_", 1)[1][:-3]))
-    elif not os.path.isfile(path):
+    elif os.path.isfile(path):
+        found = [path]
+    else:
         raise SystemExit(f"{flag} {path}: no such run directory or checkpoint file")
-    try:
-        return torch.load(path, map_location="cpu", weights_only=True), path
-    except Exception as err:
-        raise SystemExit(f"{flag} {path}: not a readable checkpoint ({type(err).__name__}: {err})")
+    script, skipped = os.path.basename(__file__), []
+    for candidate in found:
+        try:
+            checkpoint = torch.load(candidate, map_location="cpu", weights_only=True)
+        except Exception as err:  # a truncated or empty file, or not a checkpoint at all
+            skipped.append(f"{os.path.basename(candidate)} is not a readable checkpoint ({type(err).__name__}: {err})")
+            continue
+        writer = checkpoint.get("script", script) if isinstance(checkpoint, dict) else "no script"
+        saved = checkpoint.get("args", {"?": None}) if isinstance(checkpoint, dict) else {"?": None}
+        if writer != script or not set(saved) <= {field.name for field in dataclasses.fields(Args)}:
+            writer = "another script" if writer == script else writer
+            raise SystemExit(f"{flag} {candidate}: a checkpoint of {writer}, not of {script}")
+        for reason in skipped:
+            print(f"{flag}: skipped {reason}")
+        return checkpoint, candidate
+    raise SystemExit(f"{flag} {path}: " + "; ".join(skipped))
 
 
 def save_checkpoint(run_dir: str, step: int, state: dict, args, rng: np.random.Generator):
-    """checkpoints/step_{step}.pt: a plain dict of `state`, the run's arguments and its RNG states."""
+    """checkpoints/step_{step}.pt, written atomically: a plain dict of `state`, the script that wrote it, the
+    run's arguments and its RNG states."""
     rngs = {"torch_rng": torch.get_rng_state(), "numpy_rng": json.dumps(rng.bit_generator.state)}
-    path = os.path.join(run_dir, "checkpoints", f"step_{step}.pt")
-    torch.save(dict(state, args=dataclasses.asdict(args), **rngs), path)
+    state = dict(state, script=os.path.basename(__file__), args=dataclasses.asdict(args), **rngs)
+    write_atomically(os.path.join(run_dir, "checkpoints", f"step_{step}.pt"), state)
+
+
+def write_atomically(path: str, content):
+    """Text, or a checkpoint dict, written to a temporary file beside `path` and renamed over it: a kill never
+    leaves half a file (the rename is atomic), at worst a stale .tmp that the next write replaces."""
+    tmp = f"{path}.tmp"
+    if isinstance(content, str):
+        with open(tmp, "w", newline="") as f:
+            f.write(content)
+    else:
+        torch.save(content, tmp)
+    os.replace(tmp, path)
 
 
 def restore_rng(checkpoint: dict, rng: np.random.Generator):
@@ -532,7 +562,14 @@ def run_directory(args, checkpoint_path: Optional[str]) -> str:
     """The resumed checkpoint's run directory, or a new {output_dir}/{env_id}__{exp_name}__{seed}__{unixtime}
     (runs started in the same second get _2, _3, ...)."""
     if checkpoint_path is not None:
-        return os.path.dirname(os.path.dirname(checkpoint_path))
+        run_dir, parent = (
+            os.path.dirname(os.path.dirname(checkpoint_path)),
+            os.path.dirname(os.path.abspath(checkpoint_path)),
+        )
+        if os.path.basename(parent) != "checkpoints" or not os.path.isfile(os.path.join(run_dir, "args.json")):
+            why = "not in a run directory's checkpoints/; resume the run directory it came from (or a whole copy)"
+            raise SystemExit(f"--resume {checkpoint_path}: {why}")
+        return run_dir
     path = os.path.join(args.output_dir, f"{args.env_id.replace('/', '-')}__{args.exp_name}__{args.seed}")
     for suffix in [f"__{int(time.time())}"] + [f"__{int(time.time())}_{i}" for i in range(2, 1_000)]:
         try:
@@ -540,33 +577,63 @@ def run_directory(args, checkpoint_path: Optional[str]) -> str:
             return path + suffix
         except FileExistsError:
             continue
+        except OSError as err:  # a file where the output directory should be, no permission, ...
+            raise SystemExit(f"--output-dir {args.output_dir}: cannot create a run directory there ({err})")
     raise SystemExit(f"{path}: could not create a new run directory")
 
 
+def own_run_directory(run_dir: str) -> str:
+    """One process writes a run directory at a time: it holds run_dir/lock with its pid. A lock left by a process
+    that is gone is taken over, and said so. Returns the lock's path."""
+    lock, pid = os.path.join(run_dir, "lock"), 0
+    if os.path.exists(lock):
+        with open(lock) as f:
+            text = f.read().strip()
+        pid = int(text) if text.isdigit() else 0
+    if pid and pid != os.getpid():
+        try:
+            os.kill(pid, 0)  # signal 0 only asks whether the process exists
+            alive = True
+        except ProcessLookupError:
+            alive = False
+        except PermissionError:  # it exists, as another user's process
+            alive = True
+        if alive:
+            raise SystemExit(f"{run_dir} is in use by process {pid} (the pid in {lock}): one run at a time")
+        print(f"{run_dir}: process {pid}, which held it, is gone; taking the run over")
+    write_atomically(lock, str(os.getpid()))
+    return lock
+
+
 class RunLog:
-    """What a run writes besides checkpoints: args.json, TensorBoard events, eval.csv (`fields`, the step and
-    the wall time first) and, with --track, wandb. A resume at `step` keeps the evaluations up to it."""
+    """What a run writes besides checkpoints: args.json, TensorBoard events, eval.csv (`fields`, the step and the
+    wall time first) and, with --track, wandb; each file written atomically. It holds the run directory's lock
+    while open. A resume at `step` keeps the evaluations up to it, and the wall time goes on from there."""
 
     def __init__(self, run_dir: str, args, fields: List[str], step: int):
-        self.fields, self.track, self.last = fields, args.track, (time.time(), step)
+        self.lock, self.dir, self.fields, self.track = own_run_directory(run_dir), run_dir, fields, args.track
         self.video_dir = os.path.join(run_dir, "videos") if args.capture_video else None
         for sub in ("checkpoints",) + (("videos",) if args.capture_video else ()):
             os.makedirs(os.path.join(run_dir, sub), exist_ok=True)
-        with open(os.path.join(run_dir, "args.json"), "w") as f:
-            json.dump(dataclasses.asdict(args), f, indent=2)
+        write_atomically(os.path.join(run_dir, "args.json"), json.dumps(dataclasses.asdict(args), indent=2))
         if args.track:
             import wandb
 
             run = dict(config=dataclasses.asdict(args), name=os.path.basename(run_dir), dir=run_dir)
             wandb.init(project=args.wandb_project_name, entity=args.wandb_entity, sync_tensorboard=True, **run)
         self.writer = SummaryWriter(run_dir, purge_step=step or None)  # later events are redone, as evaluations
-        self.csv_path, kept = os.path.join(run_dir, "eval.csv"), []
+        self.csv_path, self.rows = os.path.join(run_dir, "eval.csv"), [fields]
         if step and os.path.exists(self.csv_path):
             with open(self.csv_path, newline="") as f:
-                kept = [row for row in list(csv.reader(f))[1:] if int(row[0]) <= step]
-        with open(self.csv_path, "w", newline="") as f:
-            csv.writer(f).writerows([fields] + kept)
-        self.start = time.time() - (float(kept[-1][1]) if kept else 0.0)  # wall time goes on across resumes
+                self.rows += [row for row in list(csv.reader(f))[1:] if int(row[0]) <= step]
+        self.write_csv()
+        self.start = time.time() - (float(self.rows[-1][1]) if len(self.rows) > 1 else 0.0)
+        self.last = (time.time(), step)
+
+    def write_csv(self):
+        text = io.StringIO()
+        csv.writer(text).writerows(self.rows)
+        write_atomically(self.csv_path, text.getvalue())
 
     def scalars(self, step: int, values: Dict[str, float], prefix: str = "train"):
         """TensorBoard scalars; train/ ones come with the steps per second since the last call."""
@@ -578,19 +645,49 @@ class RunLog:
 
     def evaluation(self, step: int, stats: Dict[str, float]):
         """A row of eval.csv, eval/ scalars, and a line printed above the progress bar."""
-        with open(self.csv_path, "a", newline="") as f:
-            csv.writer(f).writerow([step, round(time.time() - self.start, 1)] + [stats[k] for k in self.fields[2:]])
+        self.rows.append([step, round(time.time() - self.start, 1)] + [stats[k] for k in self.fields[2:]])
+        self.write_csv()
         self.scalars(step, {k: v for k, v in stats.items() if not math.isnan(v)}, "eval")
         shown = [f"{k} {v:.3f}" if isinstance(v, float) else f"{k} {v}" for k, v in stats.items()]
         tqdm.write(f"{self.fields[0]} {step}: " + ", ".join(s for s in shown if not s.endswith(" nan")))
         self.last = (time.time(), step)  # steps per second count training only
 
-    def close(self):
+    def close(self, stopped_by: Optional[str] = None):
+        """Flush the logs, release the lock and say where everything is and what to run next."""
         self.writer.close()
         if self.track:
             import wandb
 
             wandb.finish()
+        os.remove(self.lock)
+        script, step = os.path.basename(__file__), self.rows[-1][0] if len(self.rows) > 1 else 0
+        if stopped_by is not None:
+            print(f"{stopped_by}: stopped with a checkpoint; continue with\n  python {script} --resume {self.dir}")
+            return
+        last = ", ".join(f"{k} {v}" for k, v in zip(self.rows[0][2:], self.rows[-1][2:]) if v not in ("nan", ""))
+        print(f"done: {self.dir}\n  last evaluation ({self.fields[0]} {step}): {last}\n  eval.csv, checkpoints/ and "
+              f"TensorBoard events there: tensorboard --logdir {self.dir}")  # fmt: skip
+
+
+class StopSignals:
+    """Inside `with StopSignals() as stop:` SIGTERM, SIGUSR1 (what SLURM sends before it requeues a job) and Ctrl-C
+    are caught: `stop.caught` names the first, and the training loop ends its current step, saves a checkpoint
+    and exits with the command that resumes. A second Ctrl-C interrupts at once."""
+
+    def __enter__(self):
+        self.caught, self.handlers = None, {}
+        for number in (signal.SIGTERM, signal.SIGUSR1, signal.SIGINT):
+            self.handlers[number] = signal.signal(number, self.catch)
+        return self
+
+    def catch(self, number, frame):
+        if self.caught is not None and number == signal.SIGINT:
+            raise KeyboardInterrupt
+        self.caught = self.caught or signal.Signals(number).name
+
+    def __exit__(self, *exception):
+        for number, handler in self.handlers.items():
+            signal.signal(number, handler)
 
 
 def non_finite_step(first_bad: torch.Tensor, step: int, logs: Dict[str, torch.Tensor]) -> torch.Tensor:
@@ -620,15 +717,18 @@ def init_distributed(args: Args):
     return rank, world, device
 
 
-def agree(first_bad: torch.Tensor, logs: Dict[str, torch.Tensor], world: int):
-    """At a log/eval/save step every process learns the first non-finite step of any process and the mean losses."""
-    if world > 1:
-        first_bad, logs = first_bad.clone(), {k: v.clone() for k, v in logs.items()}
-        dist.all_reduce(first_bad, op=dist.ReduceOp.MAX)  # -1 where none was bad
-        for value in logs.values():
-            dist.all_reduce(value)
-            value /= world
-    return first_bad, logs
+def agree(first_bad: torch.Tensor, logs: Dict[str, torch.Tensor], stop: bool, world: int):
+    """At a log/eval/save step every process learns the first non-finite step of any process (-1: none), the mean
+    losses, and whether any process was asked to stop."""
+    if world == 1:
+        return first_bad, logs, stop
+    flags = torch.stack([first_bad, torch.tensor(int(stop), device=first_bad.device)])
+    dist.all_reduce(flags, op=dist.ReduceOp.MAX)
+    logs = {k: v.clone() for k, v in logs.items()}
+    for value in logs.values():
+        dist.all_reduce(value)
+        value /= world
+    return flags[0], logs, bool(flags[1])
 
 
 def check_args(args: Args):
@@ -723,28 +823,37 @@ def main(args: Args):
     first_bad = torch.tensor(-1, device=device)
     share = slice(rank * args.batch_size // world, (rank + 1) * args.batch_size // world)  # this process's rows
     steps = range(start_step + 1, args.total_steps + 1)
-    for step in tqdm(steps, initial=start_step, total=args.total_steps, smoothing=0.05, disable=not is_main):
-        batch = train.sample(args.batch_size, rng)  # the global batch, the same in every process
-        logs = update(model, optimizer, scheduler, batch, noise_std=args.noise_std, share=share)
-        first_bad = non_finite_step(first_bad, step, logs)
+    with StopSignals() as stop:
+        for step in tqdm(steps, initial=start_step, total=args.total_steps, smoothing=0.05, disable=not is_main):
+            batch = train.sample(args.batch_size, rng)  # the global batch, the same in every process
+            logs = update(model, optimizer, scheduler, batch, noise_std=args.noise_std, share=share)
+            first_bad = non_finite_step(first_bad, step, logs)
 
-        last = step == args.total_steps
-        intervals = (args.log_interval, args.eval_interval, args.save_interval)
-        log_now, eval_now, save_now = (step % n == 0 or last for n in intervals)
-        if log_now or eval_now or save_now:  # before anything logs, evaluates or saves a broken policy
-            first_bad, logs = agree(first_bad, logs, world)
-            if first_bad.item() >= 0:  # said once, by rank 0
-                why = f"non-finite training loss at step {first_bad.item()}; stopping"
-                raise SystemExit(1 if rank else f"{why} (try a lower --learning-rate or a larger --noise-std)")
-        if not is_main:
-            continue  # the other processes only train (their share of each batch)
-        if log_now:
-            log.scalars(step, dict(logs, lr=scheduler.get_last_lr()[0]))
-        if eval_now:
-            log.evaluation(step, evaluate(policy, step=step, video_dir=log.video_dir, **evaluation))
-        if save_now:
-            state = dict(policy=policy.state_dict(), optimizer=optimizer.state_dict(), scheduler=scheduler.state_dict())
-            save_checkpoint(run_dir, step, dict(state, step=step), args, rng)
+            last = step == args.total_steps
+            intervals = (args.log_interval, args.eval_interval, args.save_interval)
+            log_now, eval_now, save_now = (step % n == 0 or last for n in intervals)
+            stopping = stop.caught is not None and world == 1  # under torchrun: agreed at a log/eval/save step
+            if log_now or eval_now or save_now or stopping:  # before anything logs, evaluates or saves a broken policy
+                first_bad, logs, stopping = agree(first_bad, logs, stop.caught is not None, world)
+                if first_bad.item() >= 0:  # said once, by rank 0
+                    why = f"non-finite training loss at step {first_bad.item()}; stopping"
+                    raise SystemExit(1 if rank else f"{why} (try a lower --learning-rate or a larger --noise-std)")
+            if not is_main:
+                if stopping:
+                    raise SystemExit(1)
+                continue  # the other processes only train (their share of each batch)
+            if log_now:
+                log.scalars(step, dict(logs, lr=scheduler.get_last_lr()[0]))
+            if eval_now:
+                log.evaluation(step, evaluate(policy, step=step, video_dir=log.video_dir, **evaluation))
+            if save_now or stopping:
+                state = dict(
+                    policy=policy.state_dict(), optimizer=optimizer.state_dict(), scheduler=scheduler.state_dict()
+                )
+                save_checkpoint(run_dir, step, dict(state, step=step), args, rng)
+            if stopping:
+                log.close(stopped_by=f"{stop.caught} at step {step}")
+                raise SystemExit(1)
     if is_main:
         log.close()
     if world > 1:

@@ -22,9 +22,11 @@ import dataclasses
 import difflib
 import functools
 import glob
+import io
 import json
 import math
 import os
+import signal
 import time
 from dataclasses import dataclass
 from typing import Dict, List, Literal, Optional
@@ -548,26 +550,54 @@ def save_video(frames, path: str):
 
 
 def load_checkpoint(path: str, flag: str = "--resume"):
-    """(checkpoint, its path) from a checkpoint file or a run directory (its newest checkpoint), read on the CPU;
-    a clear error for anything else."""
+    """(checkpoint, its path), read on the CPU: a checkpoint file, or the newest checkpoint of a run directory
+    that loads (unreadable ones, such as a save cut short by a kill, are skipped and named). A checkpoint of
+    another script is refused in one line."""
     if os.path.isdir(path):
         found = glob.glob(os.path.join(path, "checkpoints", "step_*.pt"))
+        found.sort(key=lambda p: int(p.rsplit("_", 1)[1][:-3]), reverse=True)
         if not found:
             raise SystemExit(f"{flag} {path}: no checkpoints/step_*.pt in that run directory")
-        path = max(found, key=lambda p: int(p.rsplit("_", 1)[1][:-3]))
-    elif not os.path.isfile(path):
+    elif os.path.isfile(path):
+        found = [path]
+    else:
         raise SystemExit(f"{flag} {path}: no such run directory or checkpoint file")
-    try:
-        return torch.load(path, map_location="cpu", weights_only=True), path
-    except Exception as err:
-        raise SystemExit(f"{flag} {path}: not a readable checkpoint ({type(err).__name__}: {err})")
+    script, skipped = os.path.basename(__file__), []
+    for candidate in found:
+        try:
+            checkpoint = torch.load(candidate, map_location="cpu", weights_only=True)
+        except Exception as err:  # a truncated or empty file, or not a checkpoint at all
+            skipped.append(f"{os.path.basename(candidate)} is not a readable checkpoint ({type(err).__name__}: {err})")
+            continue
+        writer = checkpoint.get("script", script) if isinstance(checkpoint, dict) else "no script"
+        saved = checkpoint.get("args", {"?": None}) if isinstance(checkpoint, dict) else {"?": None}
+        if writer != script or not set(saved) <= {field.name for field in dataclasses.fields(Args)}:
+            writer = "another script" if writer == script else writer
+            raise SystemExit(f"{flag} {candidate}: a checkpoint of {writer}, not of {script}")
+        for reason in skipped:
+            print(f"{flag}: skipped {reason}")
+        return checkpoint, candidate
+    raise SystemExit(f"{flag} {path}: " + "; ".join(skipped))
 
 
 def save_checkpoint(run_dir: str, step: int, state: dict, args, rng: np.random.Generator):
-    """checkpoints/step_{step}.pt: a plain dict of `state`, the run's arguments and its RNG states."""
+    """checkpoints/step_{step}.pt, written atomically: a plain dict of `state`, the script that wrote it, the
+    run's arguments and its RNG states."""
     rngs = {"torch_rng": torch.get_rng_state(), "numpy_rng": json.dumps(rng.bit_generator.state)}
-    path = os.path.join(run_dir, "checkpoints", f"step_{step}.pt")
-    torch.save(dict(state, args=dataclasses.asdict(args), **rngs), path)
+    state = dict(state, script=os.path.basename(__file__), args=dataclasses.asdict(args), **rngs)
+    write_atomically(os.path.join(run_dir, "checkpoints", f"step_{step}.pt"), state)
+
+
+def write_atomically(path: str, content):
+    """Text, or a checkpoint dict, written to a temporary file beside `path` and renamed over it: a kill never
+    leaves half a file (the rename is atomic), at worst a stale .tmp that the next write replaces."""
+    tmp = f"{path}.tmp"
+    if isinstance(content, str):
+        with open(tmp, "w", newline="") as f:
+            f.write(content)
+    else:
+        torch.save(content, tmp)
+    os.replace(tmp, path)
 
 
 def restore_rng(checkpoint: dict, rng: np.random.Generator):
@@ -579,7 +609,14 @@ def run_directory(args, checkpoint_path: Optional[str]) -> str:
     """The resumed checkpoint's run directory, or a new {output_dir}/{env_id}__{exp_name}__{seed}__{unixtime}
     (runs started in the same second get _2, _3, ...)."""
     if checkpoint_path is not None:
-        return os.path.dirname(os.path.dirname(checkpoint_path))
+        run_dir, parent = (
+            os.path.dirname(os.path.dirname(checkpoint_path)),
+            os.path.dirname(os.path.abspath(checkpoint_path)),
+        )
+        if os.path.basename(parent) != "checkpoints" or not os.path.isfile(os.path.join(run_dir, "args.json")):
+            why = "not in a run directory's checkpoints/; resume the run directory it came from (or a whole copy)"
+            raise SystemExit(f"--resume {checkpoint_path}: {why}")
+        return run_dir
     path = os.path.join(args.output_dir, f"{args.env_id.replace('/', '-')}__{args.exp_name}__{args.seed}")
     for suffix in [f"__{int(time.time())}"] + [f"__{int(time.time())}_{i}" for i in range(2, 1_000)]:
         try:
@@ -587,33 +624,63 @@ def run_directory(args, checkpoint_path: Optional[str]) -> str:
             return path + suffix
         except FileExistsError:
             continue
+        except OSError as err:  # a file where the output directory should be, no permission, ...
+            raise SystemExit(f"--output-dir {args.output_dir}: cannot create a run directory there ({err})")
     raise SystemExit(f"{path}: could not create a new run directory")
 
 
+def own_run_directory(run_dir: str) -> str:
+    """One process writes a run directory at a time: it holds run_dir/lock with its pid. A lock left by a process
+    that is gone is taken over, and said so. Returns the lock's path."""
+    lock, pid = os.path.join(run_dir, "lock"), 0
+    if os.path.exists(lock):
+        with open(lock) as f:
+            text = f.read().strip()
+        pid = int(text) if text.isdigit() else 0
+    if pid and pid != os.getpid():
+        try:
+            os.kill(pid, 0)  # signal 0 only asks whether the process exists
+            alive = True
+        except ProcessLookupError:
+            alive = False
+        except PermissionError:  # it exists, as another user's process
+            alive = True
+        if alive:
+            raise SystemExit(f"{run_dir} is in use by process {pid} (the pid in {lock}): one run at a time")
+        print(f"{run_dir}: process {pid}, which held it, is gone; taking the run over")
+    write_atomically(lock, str(os.getpid()))
+    return lock
+
+
 class RunLog:
-    """What a run writes besides checkpoints: args.json, TensorBoard events, eval.csv (`fields`, the step and
-    the wall time first) and, with --track, wandb. A resume at `step` keeps the evaluations up to it."""
+    """What a run writes besides checkpoints: args.json, TensorBoard events, eval.csv (`fields`, the step and the
+    wall time first) and, with --track, wandb; each file written atomically. It holds the run directory's lock
+    while open. A resume at `step` keeps the evaluations up to it, and the wall time goes on from there."""
 
     def __init__(self, run_dir: str, args, fields: List[str], step: int):
-        self.fields, self.track, self.last = fields, args.track, (time.time(), step)
+        self.lock, self.dir, self.fields, self.track = own_run_directory(run_dir), run_dir, fields, args.track
         self.video_dir = os.path.join(run_dir, "videos") if args.capture_video else None
         for sub in ("checkpoints",) + (("videos",) if args.capture_video else ()):
             os.makedirs(os.path.join(run_dir, sub), exist_ok=True)
-        with open(os.path.join(run_dir, "args.json"), "w") as f:
-            json.dump(dataclasses.asdict(args), f, indent=2)
+        write_atomically(os.path.join(run_dir, "args.json"), json.dumps(dataclasses.asdict(args), indent=2))
         if args.track:
             import wandb
 
             run = dict(config=dataclasses.asdict(args), name=os.path.basename(run_dir), dir=run_dir)
             wandb.init(project=args.wandb_project_name, entity=args.wandb_entity, sync_tensorboard=True, **run)
         self.writer = SummaryWriter(run_dir, purge_step=step or None)  # later events are redone, as evaluations
-        self.csv_path, kept = os.path.join(run_dir, "eval.csv"), []
+        self.csv_path, self.rows = os.path.join(run_dir, "eval.csv"), [fields]
         if step and os.path.exists(self.csv_path):
             with open(self.csv_path, newline="") as f:
-                kept = [row for row in list(csv.reader(f))[1:] if int(row[0]) <= step]
-        with open(self.csv_path, "w", newline="") as f:
-            csv.writer(f).writerows([fields] + kept)
-        self.start = time.time() - (float(kept[-1][1]) if kept else 0.0)  # wall time goes on across resumes
+                self.rows += [row for row in list(csv.reader(f))[1:] if int(row[0]) <= step]
+        self.write_csv()
+        self.start = time.time() - (float(self.rows[-1][1]) if len(self.rows) > 1 else 0.0)
+        self.last = (time.time(), step)
+
+    def write_csv(self):
+        text = io.StringIO()
+        csv.writer(text).writerows(self.rows)
+        write_atomically(self.csv_path, text.getvalue())
 
     def scalars(self, step: int, values: Dict[str, float], prefix: str = "train"):
         """TensorBoard scalars; train/ ones come with the steps per second since the last call."""
@@ -625,19 +692,49 @@ class RunLog:
 
     def evaluation(self, step: int, stats: Dict[str, float]):
         """A row of eval.csv, eval/ scalars, and a line printed above the progress bar."""
-        with open(self.csv_path, "a", newline="") as f:
-            csv.writer(f).writerow([step, round(time.time() - self.start, 1)] + [stats[k] for k in self.fields[2:]])
+        self.rows.append([step, round(time.time() - self.start, 1)] + [stats[k] for k in self.fields[2:]])
+        self.write_csv()
         self.scalars(step, {k: v for k, v in stats.items() if not math.isnan(v)}, "eval")
         shown = [f"{k} {v:.3f}" if isinstance(v, float) else f"{k} {v}" for k, v in stats.items()]
         tqdm.write(f"{self.fields[0]} {step}: " + ", ".join(s for s in shown if not s.endswith(" nan")))
         self.last = (time.time(), step)  # steps per second count training only
 
-    def close(self):
+    def close(self, stopped_by: Optional[str] = None):
+        """Flush the logs, release the lock and say where everything is and what to run next."""
         self.writer.close()
         if self.track:
             import wandb
 
             wandb.finish()
+        os.remove(self.lock)
+        script, step = os.path.basename(__file__), self.rows[-1][0] if len(self.rows) > 1 else 0
+        if stopped_by is not None:
+            print(f"{stopped_by}: stopped with a checkpoint; continue with\n  python {script} --resume {self.dir}")
+            return
+        last = ", ".join(f"{k} {v}" for k, v in zip(self.rows[0][2:], self.rows[-1][2:]) if v not in ("nan", ""))
+        print(f"done: {self.dir}\n  last evaluation ({self.fields[0]} {step}): {last}\n  eval.csv, checkpoints/ and "
+              f"TensorBoard events there: tensorboard --logdir {self.dir}")  # fmt: skip
+
+
+class StopSignals:
+    """Inside `with StopSignals() as stop:` SIGTERM, SIGUSR1 (what SLURM sends before it requeues a job) and Ctrl-C
+    are caught: `stop.caught` names the first, and the training loop ends its current step, saves a checkpoint
+    and exits with the command that resumes. A second Ctrl-C interrupts at once."""
+
+    def __enter__(self):
+        self.caught, self.handlers = None, {}
+        for number in (signal.SIGTERM, signal.SIGUSR1, signal.SIGINT):
+            self.handlers[number] = signal.signal(number, self.catch)
+        return self
+
+    def catch(self, number, frame):
+        if self.caught is not None and number == signal.SIGINT:
+            raise KeyboardInterrupt
+        self.caught = self.caught or signal.Signals(number).name
+
+    def __exit__(self, *exception):
+        for number, handler in self.handlers.items():
+            signal.signal(number, handler)
 
 
 def non_finite_step(first_bad: torch.Tensor, step: int, logs: Dict[str, torch.Tensor]) -> torch.Tensor:
@@ -758,32 +855,39 @@ def main(args: Args):
     if not args.resume:  # the start of the run, or of a --finetune-from run's online phase
         log.evaluation(start_step, dict(evaluate(actor, step=start_step, **evaluation), env_steps=0))
     first_bad, online_env, total = torch.tensor(-1, device=device), None, args.total_steps + args.online_steps
-    for step in tqdm(range(start_step + 1, total + 1), initial=start_step, total=total, smoothing=0.05):
-        online = step > args.total_steps
-        if online:  # one environment step with the current actor, into the replay buffer
-            if online_env is None:  # made when the online phase starts (a resume starts a new episode)
-                online_env = OnlineEnv(make_env(), obs_space, args.seed + env_steps(step - 1), device)
-            if episode := online_env.step(actor, replay):
-                log.scalars(step, episode, "online")
-        batch = replay.sample(args.batch_size, rng, args.online_ratio if online else 0.0)
-        logs = update(batch, online=online, bc_weight=bc_weight_at(step, args), **agent, **settings)
-        first_bad = non_finite_step(first_bad, step, logs)
+    with StopSignals() as stop:
+        for step in tqdm(range(start_step + 1, total + 1), initial=start_step, total=total, smoothing=0.05):
+            online = step > args.total_steps
+            if online:  # one environment step with the current actor, into the replay buffer
+                if online_env is None:  # made when the online phase starts (a resume starts a new episode)
+                    online_env = OnlineEnv(make_env(), obs_space, args.seed + env_steps(step - 1), device)
+                if episode := online_env.step(actor, replay):
+                    log.scalars(step, episode, "online")
+            batch = replay.sample(args.batch_size, rng, args.online_ratio if online else 0.0)
+            logs = update(batch, online=online, bc_weight=bc_weight_at(step, args), **agent, **settings)
+            first_bad = non_finite_step(first_bad, step, logs)
 
-        phase_step, last = env_steps(step) if online else step, step in (args.total_steps, total)
-        intervals = (args.log_interval, args.eval_interval, args.save_interval)
-        log_now, eval_now, save_now = (phase_step % n == 0 or last for n in intervals)
-        if (log_now or eval_now or save_now) and (bad := first_bad.item()) >= 0:  # before it logs, evaluates or saves
-            where = f"online env step {bad - args.total_steps}" if bad > args.total_steps else f"offline step {bad}"
-            raise SystemExit(f"non-finite training loss at {where}; stopping (try a lower --learning-rate)")
-        if log_now:
-            online_logs = {"temperature": log_temperature.detach().exp(), "bc_weight": bc_weight_at(step, args)}
-            log.scalars(step, logs | online_logs if online else logs)
-        if eval_now:
-            log.evaluation(step, dict(evaluate(actor, step=step, **evaluation), env_steps=env_steps(step)))
-        if save_now:
-            state = {k: v.state_dict() for k, v in parts.items()} | {"log_temperature": log_temperature.detach()}
-            state |= {"online_transitions": replay.online_part(), "step": step, "env_steps": env_steps(step)}
-            save_checkpoint(run_dir, step, state, args, rng)
+            phase_step, last = env_steps(step) if online else step, step in (args.total_steps, total)
+            intervals = (args.log_interval, args.eval_interval, args.save_interval)
+            log_now, eval_now, save_now = (phase_step % n == 0 or last for n in intervals)
+            save_now = save_now or stop.caught is not None  # SIGTERM, SIGUSR1 or Ctrl-C: save, then stop
+            if (log_now or eval_now or save_now) and (
+                bad := first_bad.item()
+            ) >= 0:  # before it logs, evaluates or saves
+                where = f"online env step {bad - args.total_steps}" if bad > args.total_steps else f"offline step {bad}"
+                raise SystemExit(f"non-finite training loss at {where}; stopping (try a lower --learning-rate)")
+            if log_now:
+                online_logs = {"temperature": log_temperature.detach().exp(), "bc_weight": bc_weight_at(step, args)}
+                log.scalars(step, logs | online_logs if online else logs)
+            if eval_now:
+                log.evaluation(step, dict(evaluate(actor, step=step, **evaluation), env_steps=env_steps(step)))
+            if save_now:
+                state = {k: v.state_dict() for k, v in parts.items()} | {"log_temperature": log_temperature.detach()}
+                state |= {"online_transitions": replay.online_part(), "step": step, "env_steps": env_steps(step)}
+                save_checkpoint(run_dir, step, state, args, rng)
+            if stop.caught is not None:
+                log.close(stopped_by=f"{stop.caught} at step {step}")
+                raise SystemExit(1)
     log.close()
     return run_dir, actor
 
