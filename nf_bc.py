@@ -256,17 +256,18 @@ class ChunkDataset:
 
 def load_ogbench(env_id: str, dataset_dir: str, singletask: bool):
     """The evaluation env and the train/val data of an OGBench dataset (a singletask name reads its dataset's
-    file with that task's rewards); a clear error when the name or the files are wrong."""
+    file with that task's rewards), checked; a clear error when the name or the files are wrong."""
     parts = env_id.split("-")
     if ("singletask" in parts) != singletask:
         fix = f"{env_id[:-3]}-singletask-task1-v0" if singletask else env_id.split("-singletask")[0] + "-v0"
         kind = "a singletask" if singletask else "a goal-conditioned"
         raise SystemExit(f"{env_id}: {os.path.basename(__file__)} needs {kind} dataset name, e.g. {fix}")
     dataset = "-".join(parts[: parts.index("singletask")] + parts[-1:]) if singletask else env_id
-    if len(parts) < 3 or "-".join(dataset.split("-")[:-2]) + "-v0" not in gymnasium.registry:
-        suffix = "-singletask-v0" if singletask else "-v0"
+    env_name = "-".join(dataset.split("-")[:-2] + (parts[parts.index("singletask") :] if singletask else ["v0"]))
+    if len(parts) < 3 or env_name not in gymnasium.registry:
         kinds = ("navigate", "stitch", "explore", "play", "noisy")
-        names = [f"{k[:-3]}-{kind}{suffix}" for k in gymnasium.registry for kind in kinds]
+        names = [k.replace("-singletask", f"-{kind}-singletask") if singletask else f"{k[:-3]}-{kind}-v0"
+                 for k in gymnasium.registry for kind in kinds if ("singletask" in k) == singletask]  # fmt: skip
         raise SystemExit(f"unknown OGBench dataset {env_id!r}" + did_you_mean(env_id, names))
     dataset_dir = os.path.expanduser(dataset_dir)
     path = os.path.join(dataset_dir, f"{dataset}.npz")
@@ -279,9 +280,45 @@ def load_ogbench(env_id: str, dataset_dir: str, singletask: bool):
             raise SystemExit(f"{path} is missing and OGBench's download failed ({why}). Make it locally with\n  {make}")
     try:
         env, train, val = ogbench.make_env_and_datasets(env_id, dataset_dir=dataset_dir)
-    except (OSError, ValueError, KeyError) as err:
+    except Exception as err:  # truncated, empty or foreign files fail deep inside ogbench
         raise SystemExit(f"could not read {path} ({type(err).__name__}: {err}); remake it with\n  {make} --overwrite")
+    box, obs_dim = (env.action_space.low, env.action_space.high), gymnasium.spaces.flatdim(env.observation_space)
+    for data, file in ((train, path), (val, path[:-4] + "-val.npz")):
+        check_data(data, file, f"remake it with\n  {make} --overwrite", box, obs_dim)
     return env, train, val
+
+
+def check_data(data: Dict[str, np.ndarray], name: str, fix: str, box=None, obs_dim: Optional[int] = None):
+    """Refuse data that would train on garbage or report a wrong number: no rows, arrays of different lengths,
+    non-numeric values or integer actions, non-finite values, observations of another size than the
+    environment's (`obs_dim`), actions outside the action box (`box` = (low, high), with a tolerance of 0.1% of
+    its width). The message names the data, the key, the first bad row and `fix`."""
+    n = len(data["actions"])
+    if n == 0:
+        raise SystemExit(f"{name}: no transitions; {fix}")
+    for key in ("observations", "actions", "next_observations", "rewards", "masks", "terminals"):
+        values = np.asarray(data[key]) if key in data else np.zeros(n)
+        where = f"{name}: {key} ({values.dtype}, {list(values.shape)})"
+        if len(values) != n:
+            raise SystemExit(f"{where} has {len(values)} rows where actions have {n}; {fix}")
+        if values.dtype.kind not in ("f" if key == "actions" else "fiub"):
+            raise SystemExit(f"{where}: expected {'floating-point' if key == 'actions' else 'numeric'} values; {fix}")
+        if values.dtype.kind == "f" and not np.isfinite(values).all():
+            row = np.flatnonzero(~np.isfinite(values.reshape(n, -1)).all(1))[0]
+            raise SystemExit(f"{where}: a non-finite value in row {row}; {fix}")
+    if obs_dim is not None and np.asarray(data["observations"]).reshape(n, -1).shape[1] != obs_dim:
+        raise SystemExit(
+            f"{name}: observations of size {data['observations'].shape[1:]}, the environment's {obs_dim}; {fix}"
+        )
+    if box is not None:
+        low, high = box
+        actions = np.asarray(data["actions"]).reshape(n, -1)
+        outside = ((actions < low - 1e-3 * (high - low)) | (actions > high + 1e-3 * (high - low))).any(1)
+        if outside.any():
+            row = np.flatnonzero(outside)[0]
+            raise SystemExit(
+                f"{name}: actions row {row} is {actions[row]}, outside the action box [{low}, {high}]; {fix}"
+            )
 
 
 def did_you_mean(name: str, known) -> str:
@@ -391,11 +428,14 @@ def load_task(args: Args, num_envs: int):
             install = "D4RL/* datasets: pip install gymnasium-robotics; mujoco/*: pip install mujoco"
             why = f"could not make the evaluation environment of {args.env_id} ({type(err).__name__}: {err})"
             raise SystemExit(f"{why}; install the package that provides it ({install})")
+        space, fix = dataset.action_space, f"download it again: minari download {args.env_id}"
+        for data in (train, val) if val is not None else (train,):
+            check_data(data, f"Minari dataset {args.env_id}", fix, (space.low, space.high), None)
         return train, val, envs, dataset.observation_space, score
     directory = os.path.expanduser(args.dataset_dir)
     hint = "--source npz reads <dataset-dir>/<env-id>.npz with observations, actions and terminals."
     if args.env_id.endswith("-multigoal-v0"):
-        hint = f"Make it with\n  python make_dataset.py {args.env_id} --dataset-dir {args.dataset_dir}"
+        hint = f"Make it with\n  python make_dataset.py {args.env_id} --dataset-dir {args.dataset_dir} --overwrite"
     train = load_npz(os.path.join(directory, f"{args.env_id}.npz"), hint)
     val_path = os.path.join(directory, f"{args.env_id}-val.npz")
     val = load_npz(val_path, hint) if os.path.exists(val_path) else None
@@ -412,6 +452,13 @@ def load_task(args: Args, num_envs: int):
             envs.append(AnyGoalMaze(env, train["init_ij"], train["goal_ijs"]))
         else:
             envs.append(gymnasium.make(env_name, **render))
+    space = envs[0].action_space if envs else None
+    box = (space.low, space.high) if isinstance(space, gymnasium.spaces.Box) else None
+    obs_dim = gymnasium.spaces.flatdim(envs[0].observation_space) if envs else None
+    fix = f"or --eval-env {args.eval_env} is not the environment they come from" if args.eval_env else hint
+    for data, path in ((train, f"{args.env_id}.npz"), (val, f"{args.env_id}-val.npz")):
+        if data is not None:
+            check_data(data, os.path.join(directory, path), fix, box, obs_dim)
     return train, val, envs, envs[0].observation_space if envs else None, None
 
 

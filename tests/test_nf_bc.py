@@ -224,7 +224,10 @@ def test_clear_errors(tmp_path, npz_dir, pointmaze_dir, minari_dir):
         (["--source", "minari", "--env-id", "test/pendulum/randm-v0"], "did you mean test/pendulum/random-v0"),
         (source_args("npz", npz_dir, pointmaze_dir) + ["--exec-horizon", "4"], "cannot exceed --action-horizon"),
         (source_args("npz", npz_dir, pointmaze_dir) + ["--eval-env", "Pendulm-v1"], "did you mean Pendulum-v1"),
-        (source_args("npz", npz_dir, pointmaze_dir) + ["--eval-env", "Pendulum-v1"], "1-D actions|2-D actions"),
+        (
+            source_args("npz", npz_dir, pointmaze_dir) + ["--eval-env", "Pendulum-v1"],
+            "1-D actions|2-D actions|observations of size .* --eval-env Pendulum-v1 is not the environment",
+        ),
         (
             source_args("minari", npz_dir, pointmaze_dir) + ["--eval-env", "Pendulum-v1"],
             "--eval-env is for --source npz",
