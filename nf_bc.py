@@ -153,6 +153,14 @@ class Policy(nn.Module):
     def features(self, obs):
         return ((obs - self.obs_mean) / self.obs_std).flatten(1)
 
+    @torch.no_grad()
+    def set_units(self, observations, low: np.ndarray, high: np.ndarray):
+        """The training observations' mean and std, and the environment's action box."""
+        self.obs_mean.copy_(observations.mean(0))
+        self.obs_std.copy_(observations.std(0).clamp_min(1e-3))
+        self.action_low.copy_(torch.as_tensor(low))
+        self.action_high.copy_(torch.as_tensor(high))
+
     def to_env_units(self, actions):
         return self.action_low + (actions.clamp(-1, 1) + 1) / 2 * (self.action_high - self.action_low)
 
@@ -778,15 +786,28 @@ def agree(first_bad: torch.Tensor, logs: Dict[str, torch.Tensor], stop: bool, wo
     return flags[0], logs, bool(flags[1])
 
 
+def common_problems(args, positive) -> List[str]:
+    """What every script checks before it starts: flags that must be positive (unless None), rendering videos
+    without a display, and that the output and dataset directories are directories."""
+    bad = [name for name in positive if getattr(args, name) is not None and getattr(args, name) <= 0]
+    problems = [f"--{name.replace('_', '-')} must be positive" for name in bad]
+    if args.capture_video and not os.environ.get("DISPLAY") and os.environ.get("MUJOCO_GL") not in ("egl", "osmesa"):
+        how = f"MUJOCO_GL=egl python {os.path.basename(__file__)} ... (or MUJOCO_GL=osmesa)"
+        problems.append(f"--capture-video without a display needs headless MuJoCo rendering chosen first: {how}")
+    for flag in ("output_dir", "dataset_dir"):
+        path = os.path.expanduser(getattr(args, flag, "") or "")
+        if os.path.exists(path) and not os.path.isdir(path):
+            problems.append(f"--{flag.replace('_', '-')} {path} is a file, not a directory")
+        elif flag == "output_dir" and os.path.isdir(path) and not os.access(path, os.W_OK | os.X_OK):
+            problems.append(f"--output-dir {path} is not writable")
+    return problems
+
+
 def check_args(args: Args):
     names = ("total_steps", "batch_size", "log_interval", "eval_interval", "eval_episodes", "save_interval")
     names += ("obs_horizon", "action_horizon", "exec_horizon")
-    problems = [f"--{name.replace('_', '-')} must be positive" for name in names if getattr(args, name) <= 0]
-    if args.capture_video and not os.environ.get("DISPLAY") and os.environ.get("MUJOCO_GL") not in ("egl", "osmesa"):
-        problems.append(
-            "--capture-video without a display needs headless MuJoCo rendering chosen before Python "
-            "starts: MUJOCO_GL=egl python nf_bc.py ... (or MUJOCO_GL=osmesa)"
-        )
+    names += ("learning_rate", "num_blocks", "hidden_dim", "rep_dim", "eval_max_steps")
+    problems = common_problems(args, names)
     if args.exec_horizon > args.action_horizon:
         problems.append(
             f"--exec-horizon ({args.exec_horizon}) cannot exceed --action-horizon ({args.action_horizon}): "
@@ -820,18 +841,14 @@ def main(args: Args):
         if data is not None:
             data["actions"] = scale_actions(data["actions"], low, high)
     train = ChunkDataset(train_data, args.obs_horizon, args.action_horizon, device)
+    if args.batch_size > train.size:
+        raise SystemExit(f"--batch-size {args.batch_size} is larger than the {train.size:,} training transitions")
     val = ChunkDataset(val_data, args.obs_horizon, args.action_horizon, device) if val_data is not None else None
     policy_class = FlowPolicy if args.policy == "flow" else GaussianPolicy
     policy = policy_class(train.observations.shape[1], train.actions.shape[1], args).to(device)
-    with torch.no_grad():  # observation statistics and the action box: buffers, so a checkpoint acts on its own
-        policy.obs_mean.copy_(train.observations.mean(0))
-        policy.obs_std.copy_(train.observations.std(0).clamp_min(1e-3))
-        policy.action_low.copy_(torch.as_tensor(low))
-        policy.action_high.copy_(torch.as_tensor(high))
+    policy.set_units(train.observations, low, high)
     # fused: one kernel for all parameter tensors (on CPU ~5x faster than the default per-tensor loop)
-    optimizer = torch.optim.AdamW(
-        policy.parameters(), lr=args.learning_rate, weight_decay=args.weight_decay, fused=True
-    )
+    optimizer = torch.optim.AdamW(policy.parameters(), args.learning_rate, weight_decay=args.weight_decay, fused=True)
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: lr_factor(step, args))
     start_step = 0
     if checkpoint is not None:
@@ -849,9 +866,7 @@ def main(args: Args):
     run_dir = run_directory(args, path) if is_main else None
     if is_main:
         log = RunLog(run_dir, args, ["step", "wall_time", "val_nll", "return", "success", "score"], start_step)
-        size = (
-            f"{sum(p.numel() for p in policy.parameters()):,} parameters, {train.size:,} transitions, device {device}"
-        )
+        size = f"{sum(p.numel() for p in policy.parameters()):,} parameters, {train.size:,} transitions on {device}"
         where = f"resumed {run_dir} at step {start_step}" if start_step else f"writing to {run_dir}"
         print(f"{args.policy} policy, {size}" + (f" x {world} processes" if world > 1 else "") + f"; {where}")
         if not envs:

@@ -573,14 +573,27 @@ def agree(first_bad: torch.Tensor, logs: Dict[str, torch.Tensor], stop: bool, wo
     return flags[0], logs, bool(flags[1])
 
 
+def common_problems(args, positive) -> List[str]:
+    """What every script checks before it starts: flags that must be positive (unless None), rendering videos
+    without a display, and that the output and dataset directories are directories."""
+    bad = [name for name in positive if getattr(args, name) is not None and getattr(args, name) <= 0]
+    problems = [f"--{name.replace('_', '-')} must be positive" for name in bad]
+    if args.capture_video and not os.environ.get("DISPLAY") and os.environ.get("MUJOCO_GL") not in ("egl", "osmesa"):
+        how = f"MUJOCO_GL=egl python {os.path.basename(__file__)} ... (or MUJOCO_GL=osmesa)"
+        problems.append(f"--capture-video without a display needs headless MuJoCo rendering chosen first: {how}")
+    for flag in ("output_dir", "dataset_dir"):
+        path = os.path.expanduser(getattr(args, flag, "") or "")
+        if os.path.exists(path) and not os.path.isdir(path):
+            problems.append(f"--{flag.replace('_', '-')} {path} is a file, not a directory")
+        elif flag == "output_dir" and os.path.isdir(path) and not os.access(path, os.W_OK | os.X_OK):
+            problems.append(f"--output-dir {path} is not writable")
+    return problems
+
+
 def check_args(args: Args):
     names = ("total_steps", "batch_size", "log_interval", "eval_interval", "eval_episodes", "save_interval")
-    problems = [f"--{name.replace('_', '-')} must be positive" for name in names if getattr(args, name) <= 0]
-    if args.capture_video and not os.environ.get("DISPLAY") and os.environ.get("MUJOCO_GL") not in ("egl", "osmesa"):
-        problems.append(
-            "--capture-video without a display needs headless MuJoCo rendering chosen before Python "
-            "starts: MUJOCO_GL=egl python nf_gcbc.py ... (or MUJOCO_GL=osmesa)"
-        )
+    names += ("learning_rate", "num_blocks", "hidden_dim", "rep_dim", "eval_max_steps")
+    problems = common_problems(args, names)
     if not 0 < args.gamma < 1:
         problems.append("--gamma must lie in (0, 1)")
     if args.noise_std < 0:
@@ -605,6 +618,8 @@ def main(args: Args):
 
     env, train_data, val_data = load_ogbench(args.env_id, args.dataset_dir, singletask=False)
     train, val = GoalDataset(train_data, device), GoalDataset(val_data, device)
+    if args.batch_size > train.size:
+        raise SystemExit(f"--batch-size {args.batch_size} is larger than the {train.size:,} training transitions")
     num_tasks = len(env.unwrapped.task_infos)
     render = dict(render_mode="rgb_array", width=200, height=200) if args.capture_video else {}
     envs = [
@@ -614,9 +629,7 @@ def main(args: Args):
     policy_class = FlowPolicy if args.policy == "flow" else GaussianPolicy
     policy = policy_class(train.observations.shape[1], train.actions.shape[1], args).to(device)
     # fused: one kernel for all parameter tensors (on CPU ~5x faster than the default per-tensor loop)
-    optimizer = torch.optim.AdamW(
-        policy.parameters(), lr=args.learning_rate, weight_decay=args.weight_decay, fused=True
-    )
+    optimizer = torch.optim.AdamW(policy.parameters(), args.learning_rate, weight_decay=args.weight_decay, fused=True)
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: lr_factor(step, args))
     start_step = 0
     if checkpoint is not None:
@@ -635,9 +648,7 @@ def main(args: Args):
     if is_main:
         fields = ["step", "wall_time", "val_nll"] + [f"task{t}_success" for t in range(1, num_tasks + 1)] + ["success"]
         log = RunLog(run_dir, args, fields, start_step)
-        size = (
-            f"{sum(p.numel() for p in policy.parameters()):,} parameters, {train.size:,} transitions, device {device}"
-        )
+        size = f"{sum(p.numel() for p in policy.parameters()):,} parameters, {train.size:,} transitions on {device}"
         where = f"resumed {run_dir} at step {start_step}" if start_step else f"writing to {run_dir}"
         print(f"{args.policy} policy, {size}" + (f" x {world} processes" if world > 1 else "") + f"; {where}")
     obs, actions, goals = val.sample(1_024, args.gamma, np.random.default_rng(0))  # one fixed validation batch

@@ -755,17 +755,32 @@ def non_finite_step(first_bad: torch.Tensor, step: int, logs: Dict[str, torch.Te
     return torch.where((first_bad < 0) & bad, step, first_bad)
 
 
+def common_problems(args, positive) -> List[str]:
+    """What every script checks before it starts: flags that must be positive (unless None), rendering videos
+    without a display, and that the output and dataset directories are directories."""
+    bad = [name for name in positive if getattr(args, name) is not None and getattr(args, name) <= 0]
+    problems = [f"--{name.replace('_', '-')} must be positive" for name in bad]
+    if args.capture_video and not os.environ.get("DISPLAY") and os.environ.get("MUJOCO_GL") not in ("egl", "osmesa"):
+        how = f"MUJOCO_GL=egl python {os.path.basename(__file__)} ... (or MUJOCO_GL=osmesa)"
+        problems.append(f"--capture-video without a display needs headless MuJoCo rendering chosen first: {how}")
+    for flag in ("output_dir", "dataset_dir"):
+        path = os.path.expanduser(getattr(args, flag, "") or "")
+        if os.path.exists(path) and not os.path.isdir(path):
+            problems.append(f"--{flag.replace('_', '-')} {path} is a file, not a directory")
+        elif flag == "output_dir" and os.path.isdir(path) and not os.access(path, os.W_OK | os.X_OK):
+            problems.append(f"--output-dir {path} is not writable")
+    return problems
+
+
 def check_args(args: Args):
     names = ("num_envs", "num_candidates", "goal_hold_steps", "total_env_steps", "updates_per_step", "batch_size")
     names += ("buffer_size", "log_interval", "eval_interval", "eval_episodes", "save_interval")
-    problems = [f"--{name.replace('_', '-')} must be positive" for name in names if getattr(args, name) <= 0]
-    if args.max_episode_steps is not None and args.max_episode_steps <= 0:
-        problems.append("--max-episode-steps must be positive")
-    if args.capture_video and not os.environ.get("DISPLAY") and os.environ.get("MUJOCO_GL") not in ("egl", "osmesa"):
-        problems.append(
-            "--capture-video without a display needs headless MuJoCo rendering chosen before Python "
-            "starts: MUJOCO_GL=egl python nf_goal_explore.py ... (or MUJOCO_GL=osmesa)"
-        )
+    names += ("max_episode_steps", "eval_max_steps", "learning_rate", "actor_learning_rate", "num_blocks")
+    names += ("hidden_dim", "rep_dim", "encoder_dim", "actor_dim")
+    problems = common_problems(args, names)
+    if args.num_envs > 0 and args.total_env_steps % args.num_envs:
+        fix = args.total_env_steps // args.num_envs * args.num_envs or args.num_envs
+        problems.append(f"--total-env-steps counts all {args.num_envs} envs together: use a multiple, e.g. {fix}")
     if not 0 < args.discount < 1:
         problems.append("--discount must lie in (0, 1)")
     if not 0 <= args.condition_drop < 1:

@@ -804,14 +804,27 @@ def read_checkpoint(args: Args):
     return checkpoint, path, dataclasses.replace(args, total_steps=checkpoint["step"])
 
 
+def common_problems(args, positive) -> List[str]:
+    """What every script checks before it starts: flags that must be positive (unless None), rendering videos
+    without a display, and that the output and dataset directories are directories."""
+    bad = [name for name in positive if getattr(args, name) is not None and getattr(args, name) <= 0]
+    problems = [f"--{name.replace('_', '-')} must be positive" for name in bad]
+    if args.capture_video and not os.environ.get("DISPLAY") and os.environ.get("MUJOCO_GL") not in ("egl", "osmesa"):
+        how = f"MUJOCO_GL=egl python {os.path.basename(__file__)} ... (or MUJOCO_GL=osmesa)"
+        problems.append(f"--capture-video without a display needs headless MuJoCo rendering chosen first: {how}")
+    for flag in ("output_dir", "dataset_dir"):
+        path = os.path.expanduser(getattr(args, flag, "") or "")
+        if os.path.exists(path) and not os.path.isdir(path):
+            problems.append(f"--{flag.replace('_', '-')} {path} is a file, not a directory")
+        elif flag == "output_dir" and os.path.isdir(path) and not os.access(path, os.W_OK | os.X_OK):
+            problems.append(f"--output-dir {path} is not writable")
+    return problems
+
+
 def check_args(args: Args):
     names = ("total_steps", "batch_size", "log_interval", "eval_interval", "eval_episodes", "save_interval")
-    problems = [f"--{name.replace('_', '-')} must be positive" for name in names if getattr(args, name) <= 0]
-    if args.capture_video and not os.environ.get("DISPLAY") and os.environ.get("MUJOCO_GL") not in ("egl", "osmesa"):
-        problems.append(
-            "--capture-video without a display needs headless MuJoCo rendering chosen before Python "
-            "starts: MUJOCO_GL=egl python nf_rlbc.py ... (or MUJOCO_GL=osmesa)"
-        )
+    names += ("learning_rate", "num_blocks", "hidden_dim", "rep_dim", "encoder_dim", "critic_dim", "eval_max_steps")
+    problems = common_problems(args, names)
     if not 0 <= args.discount < 1:
         problems.append("--discount must lie in [0, 1)")
     if not 0 < args.tau <= 1:
@@ -843,6 +856,8 @@ def main(args: Args):
     low, high = action_box(args.env_id, envs[0].action_space)
     train_data = dict(train_data, actions=scale_actions(train_data["actions"], low, high))
     replay = ReplayBuffer(train_data, device, capacity=args.online_steps)  # the offline data, then online transitions
+    if args.batch_size > replay.size:
+        raise SystemExit(f"--batch-size {args.batch_size} is larger than the {replay.size:,} training transitions")
     obs_dim, action_dim = replay.data["observations"].shape[1], replay.data["actions"].shape[1]
 
     actor = (FlowActor if args.policy == "flow" else GaussianActor)(obs_dim, action_dim, args).to(device)

@@ -77,3 +77,38 @@ def test_a_task_number_the_environment_does_not_have(tmp_path, pointmaze_dir):
     with pytest.raises(SystemExit, match="unknown OGBench dataset .*did you mean .*singletask-task"):
         nf_rlbc.main(tyro.cli(nf_rlbc.Args, args=argv + ["--output-dir", str(tmp_path)]))
     assert not os.listdir(tmp_path)
+
+
+@pytest.mark.parametrize(
+    "script,argv,message",
+    [
+        (nf_gcbc, ["--learning-rate", "-1"], "--learning-rate must be positive"),
+        (nf_gcbc, ["--num-blocks", "0", "--eval-max-steps", "-3"], "--num-blocks must be positive; --eval-max-steps"),
+        (nf_rlbc, ["--env-id", "pointmaze-medium-navigate-singletask-task1-v0", "--critic-dim", "0"], "--critic-dim"),
+        (nf_gcbc, ["--batch-size", "100000"], r"--batch-size 100000 is larger than the \d+ training transitions"),
+    ],
+)  # fmt: skip
+def test_impossible_arguments_are_one_line(tmp_path, pointmaze_dir, script, argv, message):
+    base = ["--env-id", ENV, "--dataset-dir", pointmaze_dir, "--output-dir", str(tmp_path / "runs")] + QUICK
+    with pytest.raises(SystemExit, match=message):
+        script.main(tyro.cli(script.Args, args=base + argv))
+    assert not (tmp_path / "runs").exists()
+
+
+def test_paths_that_cannot_work_are_refused_before_anything_starts(tmp_path, pointmaze_dir):
+    (tmp_path / "a_file").write_text("")
+    base = ["--env-id", ENV] + QUICK
+    for argv, message in [
+        (["--dataset-dir", pointmaze_dir, "--output-dir", str(tmp_path / "a_file")], "--output-dir .*a_file is a file"),
+        (
+            ["--dataset-dir", str(tmp_path / "a_file"), "--output-dir", str(tmp_path)],
+            "--dataset-dir .*a_file is a file",
+        ),
+    ]:
+        with pytest.raises(SystemExit, match=message):
+            nf_gcbc.main(tyro.cli(nf_gcbc.Args, args=base + argv))
+    import nf_goal_explore
+
+    argv = ["--num-envs", "3", "--total-env-steps", "100", "--output-dir", str(tmp_path)]
+    with pytest.raises(SystemExit, match="--total-env-steps counts all 3 envs together: use a multiple, e.g. 99"):
+        nf_goal_explore.main(tyro.cli(nf_goal_explore.Args, args=argv))
