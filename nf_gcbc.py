@@ -17,6 +17,7 @@ import csv
 import dataclasses
 import datetime
 import difflib
+import functools
 import glob
 import io
 import json
@@ -64,6 +65,8 @@ class Args:
     """where run directories are created"""
     resume: Optional[str] = None
     """run directory or checkpoint file to continue from (its saved arguments are used)"""
+    eval_only: bool = False
+    """with --resume: evaluate that checkpoint (--eval-episodes, --capture-video) without training"""
 
     # data
     env_id: str = "cube-single-play-v0"
@@ -573,6 +576,32 @@ def agree(first_bad: torch.Tensor, logs: Dict[str, torch.Tensor], stop: bool, wo
     return flags[0], logs, bool(flags[1])
 
 
+def resumed_args(args):
+    """--resume: (the checkpoint, its path, the run's saved arguments); with --eval-only, this command's evaluation
+    flags (--eval-episodes, --eval-max-steps, --capture-video) replace the saved ones. Without --resume: no
+    checkpoint and these arguments."""
+    if args.resume is None:
+        return None, None, args
+    checkpoint, path = load_checkpoint(args.resume)
+    keep = ("resume", "eval_only") + (("eval_episodes", "eval_max_steps", "capture_video") if args.eval_only else ())
+    return checkpoint, path, dataclasses.replace(Args(**checkpoint["args"]), **{k: getattr(args, k) for k in keep})
+
+
+def evaluate_only(checkpoint_path: str, step: int, evaluate_at, args) -> str:
+    """--eval-only: `evaluate_at(step, video_dir)` of a checkpoint, printed and written beside its run as
+    eval_only_step_N.json (videos, if asked, into the run's videos/). Returns the run directory."""
+    run_dir = os.path.dirname(os.path.dirname(checkpoint_path))
+    video_dir = os.path.join(run_dir, "videos") if args.capture_video else None
+    if video_dir is not None:
+        os.makedirs(video_dir, exist_ok=True)
+    stats, path = evaluate_at(step, video_dir), os.path.join(run_dir, f"eval_only_step_{step}.json")
+    result = dict(checkpoint=checkpoint_path, step=step, episodes=args.eval_episodes, **stats)
+    write_atomically(path, json.dumps(result, indent=2))
+    shown = [f"{k} {v:.3f}" if isinstance(v, float) else f"{k} {v}" for k, v in stats.items()]
+    print(f"{checkpoint_path}: " + ", ".join(s for s in shown if not s.endswith(" nan")) + f"\nwritten to {path}")
+    return run_dir
+
+
 def common_problems(args, positive) -> List[str]:
     """What every script checks before it starts: flags that must be positive (unless None), rendering videos
     without a display, and that the output and dataset directories are directories."""
@@ -581,6 +610,8 @@ def common_problems(args, positive) -> List[str]:
     if args.capture_video and not os.environ.get("DISPLAY") and os.environ.get("MUJOCO_GL") not in ("egl", "osmesa"):
         how = f"MUJOCO_GL=egl python {os.path.basename(__file__)} ... (or MUJOCO_GL=osmesa)"
         problems.append(f"--capture-video without a display needs headless MuJoCo rendering chosen first: {how}")
+    if args.eval_only and args.resume is None:
+        problems.append("--eval-only evaluates a run's checkpoint: give it --resume RUN_DIR (or a checkpoint file)")
     for flag in ("output_dir", "dataset_dir"):
         path = os.path.expanduser(getattr(args, flag, "") or "")
         if os.path.exists(path) and not os.path.isdir(path):
@@ -606,10 +637,7 @@ def check_args(args: Args):
 
 
 def main(args: Args):
-    checkpoint = path = None
-    if args.resume is not None:
-        checkpoint, path = load_checkpoint(args.resume)
-        args = dataclasses.replace(Args(**checkpoint["args"]), resume=args.resume)
+    checkpoint, path, args = resumed_args(args)
     check_args(args)
     rank, world, device = init_distributed(args)
     is_main = rank == 0  # the only process that evaluates, logs and saves
@@ -644,6 +672,13 @@ def main(args: Args):
     if args.compile:  # the training step's model as one graph; evaluation stays eager
         model = torch.compile(model)
 
+    obs, actions, goals = val.sample(1_024, args.gamma, np.random.default_rng(0))  # one fixed validation batch
+    noise = torch.randn(actions.shape, generator=torch.Generator(device).manual_seed(0), device=device)
+    val_batch = (obs, actions + args.noise_std * noise, goals)
+    evaluate_at = functools.partial(evaluate, policy, envs, val_batch, args, device)  # (step, video_dir)
+    if args.eval_only:  # no training: evaluate the checkpoint and write the result beside its run
+        return evaluate_only(path, start_step, evaluate_at, args), policy
+
     run_dir = run_directory(args, path) if is_main else None
     if is_main:
         fields = ["step", "wall_time", "val_nll"] + [f"task{t}_success" for t in range(1, num_tasks + 1)] + ["success"]
@@ -651,12 +686,9 @@ def main(args: Args):
         size = f"{sum(p.numel() for p in policy.parameters()):,} parameters, {train.size:,} transitions on {device}"
         where = f"resumed {run_dir} at step {start_step}" if start_step else f"writing to {run_dir}"
         print(f"{args.policy} policy, {size}" + (f" x {world} processes" if world > 1 else "") + f"; {where}")
-    obs, actions, goals = val.sample(1_024, args.gamma, np.random.default_rng(0))  # one fixed validation batch
-    noise = torch.randn(actions.shape, generator=torch.Generator(device).manual_seed(0), device=device)
-    val_batch = (obs, actions + args.noise_std * noise, goals)
 
     if start_step == 0 and is_main:
-        log.evaluation(0, evaluate(policy, envs, val_batch, args, device, 0, log.video_dir))
+        log.evaluation(0, evaluate_at(0, log.video_dir))
     first_bad = torch.tensor(-1, device=device)
     share = slice(rank * args.batch_size // world, (rank + 1) * args.batch_size // world)  # this process's rows
     steps = range(start_step + 1, args.total_steps + 1)
@@ -682,7 +714,7 @@ def main(args: Args):
             if log_now:
                 log.scalars(step, dict(logs, lr=scheduler.get_last_lr()[0]))
             if eval_now:
-                log.evaluation(step, evaluate(policy, envs, val_batch, args, device, step, log.video_dir))
+                log.evaluation(step, evaluate_at(step, log.video_dir))
             if save_now or stopping:
                 state = dict(
                     policy=policy.state_dict(), optimizer=optimizer.state_dict(), scheduler=scheduler.state_dict()

@@ -68,6 +68,8 @@ class Args:
     """where run directories are created"""
     resume: Optional[str] = None
     """run directory or checkpoint file to continue from (its saved arguments are used)"""
+    eval_only: bool = False
+    """with --resume: evaluate that checkpoint (--eval-episodes, --capture-video) without training"""
 
     # environment
     env_id: str = "pointmaze-medium-v0"
@@ -755,6 +757,32 @@ def non_finite_step(first_bad: torch.Tensor, step: int, logs: Dict[str, torch.Te
     return torch.where((first_bad < 0) & bad, step, first_bad)
 
 
+def resumed_args(args):
+    """--resume: (the checkpoint, its path, the run's saved arguments); with --eval-only, this command's evaluation
+    flags (--eval-episodes, --eval-max-steps, --capture-video) replace the saved ones. Without --resume: no
+    checkpoint and these arguments."""
+    if args.resume is None:
+        return None, None, args
+    checkpoint, path = load_checkpoint(args.resume)
+    keep = ("resume", "eval_only") + (("eval_episodes", "eval_max_steps", "capture_video") if args.eval_only else ())
+    return checkpoint, path, dataclasses.replace(Args(**checkpoint["args"]), **{k: getattr(args, k) for k in keep})
+
+
+def evaluate_only(checkpoint_path: str, step: int, evaluate_at, args) -> str:
+    """--eval-only: `evaluate_at(step, video_dir)` of a checkpoint, printed and written beside its run as
+    eval_only_step_N.json (videos, if asked, into the run's videos/). Returns the run directory."""
+    run_dir = os.path.dirname(os.path.dirname(checkpoint_path))
+    video_dir = os.path.join(run_dir, "videos") if args.capture_video else None
+    if video_dir is not None:
+        os.makedirs(video_dir, exist_ok=True)
+    stats, path = evaluate_at(step, video_dir), os.path.join(run_dir, f"eval_only_step_{step}.json")
+    result = dict(checkpoint=checkpoint_path, step=step, episodes=args.eval_episodes, **stats)
+    write_atomically(path, json.dumps(result, indent=2))
+    shown = [f"{k} {v:.3f}" if isinstance(v, float) else f"{k} {v}" for k, v in stats.items()]
+    print(f"{checkpoint_path}: " + ", ".join(s for s in shown if not s.endswith(" nan")) + f"\nwritten to {path}")
+    return run_dir
+
+
 def common_problems(args, positive) -> List[str]:
     """What every script checks before it starts: flags that must be positive (unless None), rendering videos
     without a display, and that the output and dataset directories are directories."""
@@ -763,6 +791,8 @@ def common_problems(args, positive) -> List[str]:
     if args.capture_video and not os.environ.get("DISPLAY") and os.environ.get("MUJOCO_GL") not in ("egl", "osmesa"):
         how = f"MUJOCO_GL=egl python {os.path.basename(__file__)} ... (or MUJOCO_GL=osmesa)"
         problems.append(f"--capture-video without a display needs headless MuJoCo rendering chosen first: {how}")
+    if args.eval_only and args.resume is None:
+        problems.append("--eval-only evaluates a run's checkpoint: give it --resume RUN_DIR (or a checkpoint file)")
     for flag in ("output_dir", "dataset_dir"):
         path = os.path.expanduser(getattr(args, flag, "") or "")
         if os.path.exists(path) and not os.path.isdir(path):
@@ -816,10 +846,7 @@ def crossed(env_steps: int, num_envs: int, interval: int) -> bool:
 
 
 def main(args: Args):
-    checkpoint = path = None
-    if args.resume is not None:
-        checkpoint, path = load_checkpoint(args.resume)
-        args = dataclasses.replace(Args(**checkpoint["args"]), resume=args.resume)
+    checkpoint, path, args = resumed_args(args)
     check_args(args)
     device = torch.device("cuda" if args.cuda and torch.cuda.is_available() else "cpu")
     torch.manual_seed(args.seed)
@@ -836,9 +863,8 @@ def main(args: Args):
             module.compile()
     log_temperature = torch.zeros((), device=device, requires_grad=True)
     adam = functools.partial(torch.optim.Adam, lr=args.actor_learning_rate, fused=True)  # fused: one kernel for all
-    optimizers = {"actor": adam(actor.parameters()), "temperature": adam([log_temperature])}
-    decay = dict(lr=args.learning_rate, weight_decay=args.weight_decay, fused=True)
-    optimizers["density"] = torch.optim.AdamW(density.parameters(), **decay)
+    adamw = torch.optim.AdamW(density.parameters(), args.learning_rate, weight_decay=args.weight_decay, fused=True)
+    optimizers = {"actor": adam(actor.parameters()), "density": adamw, "temperature": adam([log_temperature])}
     parts = {"actor": actor, "density": density} | {f"{k}_optimizer": v for k, v in optimizers.items()}
     settings = dict(log_temperature=log_temperature, condition_drop=args.condition_drop, goal_noise=args.goal_noise)
     settings["target_entropy"] = -0.5 * action_dim if args.target_entropy is None else args.target_entropy
@@ -854,6 +880,10 @@ def main(args: Args):
         visits.load_state_dict(checkpoint)
         restore_rng(checkpoint, rng)
         env_steps, updates = checkpoint["env_steps"], checkpoint["updates"]
+
+    if args.eval_only:  # no training: evaluate the checkpoint and write the result beside its run
+        evaluate_at = functools.partial(evaluate, actor, eval_envs, geometry, args, device)
+        return evaluate_only(path, env_steps, evaluate_at, args), actor
 
     run_dir = run_directory(args, path)
     tasks = [f"task{t + 1}" for t in range(len(geometry.task_goals))]

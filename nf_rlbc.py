@@ -66,6 +66,8 @@ class Args:
     """where run directories are created"""
     resume: Optional[str] = None
     """run directory or checkpoint file to continue from (its saved arguments are used)"""
+    eval_only: bool = False
+    """with --resume: evaluate that checkpoint (--eval-episodes, --capture-video) without training"""
     finetune_from: Optional[str] = None
     """a finished offline run (directory or checkpoint): a new run that starts the online phase from its actor and
     critics, skipping the offline steps (give the same architecture flags; --total-steps is taken from it)"""
@@ -170,6 +172,11 @@ class Actor(nn.Module):
         self.encoder = mlp([obs_dim] + [args.encoder_dim] * 4 + [args.rep_dim], nn.SiLU, layer_norm=True)
         self.register_buffer("action_low", -torch.ones(action_dim))
         self.register_buffer("action_high", torch.ones(action_dim))
+
+    @torch.no_grad()
+    def set_box(self, low: np.ndarray, high: np.ndarray):
+        self.action_low.copy_(torch.as_tensor(low))
+        self.action_high.copy_(torch.as_tensor(high))
 
     def to_env_units(self, actions):
         return self.action_low + (actions.clamp(-1, 1) + 1) / 2 * (self.action_high - self.action_low)
@@ -790,11 +797,8 @@ def read_checkpoint(args: Args):
     --finetune-from starts a new run from an offline run's networks with this command's online settings."""
     if args.resume is not None and args.finetune_from is not None:
         raise SystemExit("--resume continues a run with its own arguments; --finetune-from starts a new one: give one")
-    if args.resume is not None:
-        checkpoint, path = load_checkpoint(args.resume)
-        return checkpoint, path, dataclasses.replace(Args(**checkpoint["args"]), resume=args.resume)
-    if args.finetune_from is None:
-        return None, None, args
+    if args.resume is not None or args.finetune_from is None:
+        return resumed_args(args)
     checkpoint, path = load_checkpoint(args.finetune_from, "--finetune-from")
     if checkpoint["env_steps"] > 0:
         raise SystemExit(f"--finetune-from {path}: that checkpoint is already online; continue it with --resume")
@@ -802,6 +806,32 @@ def read_checkpoint(args: Args):
     if differ := [f"--{k.replace('_', '-')} {offline[k]}" for k in ARCHITECTURE if offline[k] != getattr(args, k)]:
         raise SystemExit(f"--finetune-from {path} was trained with {' '.join(differ)}; pass the same")
     return checkpoint, path, dataclasses.replace(args, total_steps=checkpoint["step"])
+
+
+def resumed_args(args):
+    """--resume: (the checkpoint, its path, the run's saved arguments); with --eval-only, this command's evaluation
+    flags (--eval-episodes, --eval-max-steps, --capture-video) replace the saved ones. Without --resume: no
+    checkpoint and these arguments."""
+    if args.resume is None:
+        return None, None, args
+    checkpoint, path = load_checkpoint(args.resume)
+    keep = ("resume", "eval_only") + (("eval_episodes", "eval_max_steps", "capture_video") if args.eval_only else ())
+    return checkpoint, path, dataclasses.replace(Args(**checkpoint["args"]), **{k: getattr(args, k) for k in keep})
+
+
+def evaluate_only(checkpoint_path: str, step: int, evaluate_at, args) -> str:
+    """--eval-only: `evaluate_at(step, video_dir)` of a checkpoint, printed and written beside its run as
+    eval_only_step_N.json (videos, if asked, into the run's videos/). Returns the run directory."""
+    run_dir = os.path.dirname(os.path.dirname(checkpoint_path))
+    video_dir = os.path.join(run_dir, "videos") if args.capture_video else None
+    if video_dir is not None:
+        os.makedirs(video_dir, exist_ok=True)
+    stats, path = evaluate_at(step, video_dir), os.path.join(run_dir, f"eval_only_step_{step}.json")
+    result = dict(checkpoint=checkpoint_path, step=step, episodes=args.eval_episodes, **stats)
+    write_atomically(path, json.dumps(result, indent=2))
+    shown = [f"{k} {v:.3f}" if isinstance(v, float) else f"{k} {v}" for k, v in stats.items()]
+    print(f"{checkpoint_path}: " + ", ".join(s for s in shown if not s.endswith(" nan")) + f"\nwritten to {path}")
+    return run_dir
 
 
 def common_problems(args, positive) -> List[str]:
@@ -812,6 +842,8 @@ def common_problems(args, positive) -> List[str]:
     if args.capture_video and not os.environ.get("DISPLAY") and os.environ.get("MUJOCO_GL") not in ("egl", "osmesa"):
         how = f"MUJOCO_GL=egl python {os.path.basename(__file__)} ... (or MUJOCO_GL=osmesa)"
         problems.append(f"--capture-video without a display needs headless MuJoCo rendering chosen first: {how}")
+    if args.eval_only and args.resume is None:
+        problems.append("--eval-only evaluates a run's checkpoint: give it --resume RUN_DIR (or a checkpoint file)")
     for flag in ("output_dir", "dataset_dir"):
         path = os.path.expanduser(getattr(args, flag, "") or "")
         if os.path.exists(path) and not os.path.isdir(path):
@@ -861,8 +893,7 @@ def main(args: Args):
     obs_dim, action_dim = replay.data["observations"].shape[1], replay.data["actions"].shape[1]
 
     actor = (FlowActor if args.policy == "flow" else GaussianActor)(obs_dim, action_dim, args).to(device)
-    actor.action_low.copy_(torch.as_tensor(low))
-    actor.action_high.copy_(torch.as_tensor(high))
+    actor.set_box(low, high)
     critic = Critic(obs_dim, action_dim, args.critic_dim).to(device)
     target_critic = Critic(obs_dim, action_dim, args.critic_dim).to(device).requires_grad_(False)
     target_critic.load_state_dict(critic.state_dict())
@@ -889,25 +920,25 @@ def main(args: Args):
             group["lr"] = args.learning_rate
     start_step = checkpoint["step"] if checkpoint is not None else 0
 
+    evaluate_at = functools.partial(evaluate, actor, envs, obs_space, args, device, score_fn=score_fn)
+    if args.eval_only:  # no training: evaluate the checkpoint and write the result beside its run
+        return evaluate_only(path, start_step, evaluate_at, args), actor
+
     run_dir = run_directory(args, path if args.resume else None)
     log = RunLog(run_dir, args, ["step", "wall_time", "env_steps", "success", "return", "score"], start_step)
     size = f"{sum(p.numel() for p in actor.parameters()):,} + {sum(p.numel() for p in critic.parameters()):,} critic"
     where = f"resumed {run_dir} at step {start_step}" if args.resume else f"writing to {run_dir}"
     print(f"{args.policy} actor, {size} parameters, {replay.size:,} transitions, device {device}; {where}")
-    evaluation = dict(
-        envs=envs, obs_space=obs_space, args=args, device=device, video_dir=log.video_dir, score_fn=score_fn
-    )
-    agent = dict(
-        actor=actor, critic=critic, target_critic=target_critic, optimizers=optimizers, log_temperature=log_temperature
-    )
-    settings = dict(discount=args.discount, tau=args.tau, q_agg=args.q_agg, entropy_weight=args.entropy_weight)
+    agent = dict(actor=actor, critic=critic, target_critic=target_critic, optimizers=optimizers)
+    settings = dict(log_temperature=log_temperature, discount=args.discount, tau=args.tau, q_agg=args.q_agg)
+    settings["entropy_weight"] = args.entropy_weight
     settings["target_entropy"] = -float(action_dim) if args.target_entropy is None else args.target_entropy
 
     def env_steps(step: int) -> int:
         return max(0, step - args.total_steps)
 
     if not args.resume:  # the start of the run, or of a --finetune-from run's online phase
-        log.evaluation(start_step, dict(evaluate(actor, step=start_step, **evaluation), env_steps=0))
+        log.evaluation(start_step, dict(evaluate_at(start_step, log.video_dir), env_steps=0))
     first_bad, online_env, total = torch.tensor(-1, device=device), None, args.total_steps + args.online_steps
     with StopSignals() as stop:
         for step in tqdm(range(start_step + 1, total + 1), initial=start_step, total=total, smoothing=0.05):
@@ -934,7 +965,7 @@ def main(args: Args):
                 online_logs = {"temperature": log_temperature.detach().exp(), "bc_weight": bc_weight_at(step, args)}
                 log.scalars(step, logs | online_logs if online else logs)
             if eval_now:
-                log.evaluation(step, dict(evaluate(actor, step=step, **evaluation), env_steps=env_steps(step)))
+                log.evaluation(step, dict(evaluate_at(step, log.video_dir), env_steps=env_steps(step)))
             if save_now:
                 state = {k: v.state_dict() for k, v in parts.items()} | {"log_temperature": log_temperature.detach()}
                 state |= {"online_transitions": replay.online_part(), "step": step, "env_steps": env_steps(step)}

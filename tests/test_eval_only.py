@@ -1,0 +1,59 @@
+"""--eval-only with --resume evaluates a finished run's checkpoint without training: every script, through its
+CLI; the result is printed and written beside the run, and nothing of the run changes."""
+
+import json
+import os
+
+import pytest
+import tyro
+
+import nf_bc
+import nf_gcbc
+import nf_goal_explore
+import nf_rlbc
+
+TINY = ["--batch-size", "16", "--num-blocks", "2", "--hidden-dim", "16", "--rep-dim", "8", "--no-cuda"]
+STEPS = [
+    "--total-steps",
+    "4",
+    "--eval-interval",
+    "4",
+    "--save-interval",
+    "4",
+    "--eval-episodes",
+    "1",
+    "--eval-max-steps",
+    "3",
+]
+SCRIPTS = {
+    "nf_gcbc": (nf_gcbc, lambda d: ["--env-id", "pointmaze-medium-navigate-v0", "--dataset-dir", d] + STEPS),
+    "nf_bc": (nf_bc, lambda d: ["--source", "ogbench", "--env-id", "pointmaze-medium-navigate-singletask-task1-v0",
+                                "--dataset-dir", d, "--action-horizon", "2", "--exec-horizon", "1"] + STEPS),
+    "nf_rlbc": (nf_rlbc, lambda d: ["--env-id", "pointmaze-medium-navigate-singletask-task1-v0", "--dataset-dir", d,
+                                    "--encoder-dim", "16", "--critic-dim", "16"] + STEPS),
+    "nf_goal_explore": (nf_goal_explore, lambda d: ["--num-envs", "2", "--max-episode-steps", "10",
+                                                    "--total-env-steps", "40", "--learning-starts", "10",
+                                                    "--buffer-size", "100", "--encoder-dim", "16", "--actor-dim", "16",
+                                                    "--num-candidates", "4", "--eval-interval", "40",
+                                                    "--save-interval", "40", "--eval-episodes", "1",
+                                                    "--eval-max-steps", "3"]),
+}  # fmt: skip
+
+
+@pytest.mark.parametrize("name", SCRIPTS)
+def test_eval_only_evaluates_a_checkpoint_without_training(tmp_path, pointmaze_dir, name, capsys):
+    module, argv = SCRIPTS[name]
+    run = lambda a: module.main(tyro.cli(module.Args, args=a))  # noqa: E731
+    run_dir, _ = run(argv(pointmaze_dir) + TINY + ["--output-dir", str(tmp_path)])
+    before = {f: os.path.getmtime(os.path.join(run_dir, f)) for f in ("eval.csv", "args.json")}
+    checkpoints = sorted(os.listdir(f"{run_dir}/checkpoints"))
+    assert run(["--resume", run_dir, "--eval-only", "--eval-episodes", "2"])[0] == run_dir
+    step = 40 if name == "nf_goal_explore" else 4
+    with open(f"{run_dir}/eval_only_step_{step}.json") as f:
+        result = json.load(f)
+    assert result["episodes"] == 2 and result["step"] == step and 0 <= result["success"] <= 1
+    assert f"written to {run_dir}/eval_only_step_{step}.json" in capsys.readouterr().out
+    assert sorted(os.listdir(f"{run_dir}/checkpoints")) == checkpoints  # nothing trained, nothing saved
+    assert before == {f: os.path.getmtime(os.path.join(run_dir, f)) for f in before}
+    with pytest.raises(SystemExit, match="--eval-only evaluates a run's checkpoint: give it --resume"):
+        run(argv(pointmaze_dir) + TINY + ["--output-dir", str(tmp_path), "--eval-only"])
