@@ -20,9 +20,12 @@ written under a temporary name and renamed, so a killed run never leaves a file 
 """
 
 import difflib
+import glob
 import math
 import multiprocessing
 import os
+import signal
+import sys
 import time
 from dataclasses import dataclass, replace
 from typing import Dict, Optional
@@ -381,6 +384,29 @@ def save_atomic(path: str, arrays: Dict[str, np.ndarray]):
             os.remove(tmp)
 
 
+def check_directory(directory: str, name: str):
+    """Before any episode is collected: the directory can be written to, and temporary files left by a killed
+    run of this tool (its pid is in their name) are removed."""
+    try:
+        os.makedirs(directory, exist_ok=True)
+        probe = os.path.join(directory, f".{name}.probe-{os.getpid()}")
+        open(probe, "w").close()
+        os.remove(probe)
+    except OSError as err:  # a file where the directory should be, no permission, a full disk, ...
+        raise ValueError(f"--dataset-dir {directory}: cannot write there ({type(err).__name__}: {err})")
+    for stale in glob.glob(os.path.join(directory, f"{name}*.npz.tmp-*")):
+        pid = stale.rsplit("-", 1)[1]
+        if not pid.isdigit() or int(pid) == os.getpid():
+            continue
+        try:
+            os.kill(int(pid), 0)  # signal 0: only asks whether its writer is still running
+        except ProcessLookupError:
+            os.remove(stale)
+            print(f"removed {stale}, left by a run that was killed")
+        except PermissionError:  # another user's live process
+            pass
+
+
 def make_dataset(args: Args) -> Dict[str, str]:
     """Generate the train and validation files; returns their paths."""
     recipe = recipe_for(args.env_name)
@@ -399,7 +425,7 @@ def make_dataset(args: Args) -> Dict[str, str]:
     if not args.overwrite and all(os.path.exists(p) for p in paths.values()):
         print(f"{paths['train']} and its -val file exist; nothing to do (--overwrite replaces them)")
         return paths
-    os.makedirs(directory, exist_ok=True)
+    check_directory(directory, name)
     workers = args.num_workers or min(os.cpu_count() or 1, 8)
     jobs = [(args.seed, i) for i in range(num_train + num_val)]
     up_to = "up to " if recipe.dataset_type == "multigoal" else ""
@@ -439,6 +465,7 @@ def make_dataset(args: Args) -> Dict[str, str]:
 
 
 def main(args: Args):
+    signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))  # a kill by SIGTERM cleans its temporary files too
     try:
         make_dataset(args)
     except ValueError as err:

@@ -507,6 +507,7 @@ def evaluate(
         policy.train()
         return stats
     generator = torch.Generator(device=device).manual_seed(args.seed * 1_000_003 + step)  # not the training RNG
+    tqdm.write(f"evaluating at step {step}: {len(envs)} episodes ...")
     flat = (
         (lambda o: flatten_observation(obs_space, o))
         if obs_space is not None

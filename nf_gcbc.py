@@ -305,6 +305,7 @@ def evaluate(policy, envs, val_batch, args: Args, device, step: int, video_dir: 
     obs, actions, goals = val_batch
     results = {"val_nll": -policy.log_prob(obs, goals, actions).mean().item()}
     num_tasks = len(envs[0].unwrapped.task_infos)
+    tqdm.write(f"evaluating at step {step}: {num_tasks} tasks x {len(envs)} episodes ...")
     for task in range(1, num_tasks + 1):
         obs, goals, frames = [], [], []
         for i, env in enumerate(envs):  # fixed evaluation seeds, the same for every run and step

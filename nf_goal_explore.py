@@ -513,6 +513,7 @@ def evaluate(
     the mean) toward the task's goal; all episodes run in lockstep with fixed evaluation seeds."""
     actor.eval()
     n, num_tasks = len(envs), len(geometry.task_goals)
+    tqdm.write(f"evaluating at environment step {step}: {num_tasks} tasks x {n // num_tasks} episodes ...")
     obs, goals = [], []
     for i, env in enumerate(envs):
         np.random.seed(100_000 + i)  # OGBench draws start noise from NumPy's global generator

@@ -550,6 +550,7 @@ def evaluate(
     episode per env; all envs run in lockstep, the actor batched, with fixed evaluation seeds."""
     actor.eval()
     generator = torch.Generator(device=device).manual_seed(args.seed * 1_000_003 + step)  # not the training RNG
+    tqdm.write(f"evaluating at step {step}: {len(envs)} episodes ...")
     obs = []
     for i, env in enumerate(envs):
         np.random.seed(100_000 + i)  # OGBench draws start and goal noise from NumPy's global generator

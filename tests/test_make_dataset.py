@@ -1,5 +1,6 @@
 """make_dataset.py: tiny OGBench datasets that the unchanged ogbench loader reads, and the oracle itself."""
 
+import dataclasses
 import os
 import subprocess
 import sys
@@ -179,3 +180,18 @@ def test_multigoal_demonstrations_split_between_the_goals(tmp_path):
 def test_episode_count_and_transition_count_are_exclusive(tmp_path):
     with pytest.raises(ValueError, match="not both"):
         make(tmp_path, "pointmaze-medium-multigoal-v0", num_episodes=2, num_transitions=100)
+
+
+def test_an_unwritable_directory_is_refused_before_collecting_and_stale_temporary_files_go(tmp_path, capsys):
+    (tmp_path / "a_file").write_text("")
+    args = make_dataset.Args(env_name="pointmaze-medium-navigate-v0", dataset_dir=str(tmp_path / "a_file"),
+                             num_transitions=500, episode_steps=250, num_workers=1)  # fmt: skip
+    with pytest.raises(SystemExit, match="--dataset-dir .*a_file: cannot write there"):
+        make_dataset.main(args)
+    assert "episode" not in capsys.readouterr().out  # nothing was collected
+    gone = subprocess.Popen([sys.executable, "-c", "pass"])
+    gone.wait()
+    stale = tmp_path / f"pointmaze-medium-navigate-v0.npz.tmp-{gone.pid}"  # what a killed run leaves
+    stale.write_bytes(b"half a file")
+    make_dataset.main(dataclasses.replace(args, dataset_dir=str(tmp_path)))
+    assert not stale.exists() and "left by a run that was killed" in capsys.readouterr().out
