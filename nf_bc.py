@@ -28,6 +28,8 @@ import json
 import math
 import os
 import signal
+import subprocess
+import sys
 import time
 from dataclasses import dataclass
 from typing import Dict, List, Literal, Optional
@@ -80,6 +82,8 @@ class Args:
     minari: a local dataset id (mujoco/hopper/expert-v0)"""
     dataset_dir: str = "~/.ogbench/data"
     """directory of the .npz and OGBench files (Minari keeps its own: $MINARI_DATASETS_PATH or ~/.minari/datasets)"""
+    make_dataset: bool = False
+    """OGBench data missing and not downloadable: make it with the make_dataset.py beside this script (minutes)"""
     eval_env: Optional[str] = None
     """npz: gymnasium id to evaluate in (default: the file's env_name entry; without one, validation NLL only)"""
     obs_horizon: int = 2
@@ -265,9 +269,10 @@ class ChunkDataset:
         return self.observations[self.obs_index[idx]], self.actions[self.action_index[idx]]
 
 
-def load_ogbench(env_id: str, dataset_dir: str, singletask: bool):
+def load_ogbench(env_id: str, dataset_dir: str, singletask: bool, make_missing: bool = False):
     """The evaluation env and the train/val data of an OGBench dataset (a singletask name reads its dataset's
-    file with that task's rewards), checked; a clear error when the name or the files are wrong."""
+    file with that task's rewards), checked; a clear error when the name or the files are wrong. A missing file
+    is downloaded, or with `make_missing` made by the make_dataset.py beside this script."""
     parts = env_id.split("-")
     if ("singletask" in parts) != singletask:
         fix = f"{env_id[:-3]}-singletask-task1-v0" if singletask else env_id.split("-singletask")[0] + "-v0"
@@ -287,8 +292,14 @@ def load_ogbench(env_id: str, dataset_dir: str, singletask: bool):
         try:
             ogbench.download_datasets([dataset], dataset_dir)
         except Exception as err:  # no network, unknown file, ...
-            why = f"{type(err).__name__}: {err}"
-            raise SystemExit(f"{path} is missing and OGBench's download failed ({why}). Make it locally with\n  {make}")
+            tool = os.path.join(os.path.dirname(os.path.abspath(__file__)), "make_dataset.py")
+            if not (make_missing and os.path.exists(tool)):
+                why = f"{path} is missing and OGBench's download failed ({type(err).__name__}: {err})"
+                hint = "\n(or add --make-dataset to make it now)" if os.path.exists(tool) else ""
+                raise SystemExit(f"{why}. Make it locally with\n  {make}{hint}")
+            print(f"{path} is missing and OGBench's download failed: making it with {tool} (OGBench's size)")
+            if subprocess.run([sys.executable, tool, dataset, "--dataset-dir", dataset_dir]).returncode != 0:
+                raise SystemExit(f"{tool} could not make {dataset} (its message is above)")
     try:
         env, train, val = ogbench.make_env_and_datasets(env_id, dataset_dir=dataset_dir)
     except Exception as err:  # truncated, empty or foreign files fail deep inside ogbench
@@ -423,7 +434,7 @@ def load_task(args: Args, num_envs: int):
     environment), the observation space of the envs, and the normalised score (a function of returns, or None)."""
     render = dict(render_mode="rgb_array", width=200, height=200) if args.capture_video else {}
     if args.source == "ogbench":
-        env, train, val = load_ogbench(args.env_id, args.dataset_dir, singletask=True)
+        env, train, val = load_ogbench(args.env_id, args.dataset_dir, True, args.make_dataset)
         envs = [ogbench.make_env_and_datasets(args.env_id, env_only=True, **render) for _ in range(num_envs)]
         return train, val, envs, env.observation_space, None
     if args.source == "minari":

@@ -24,6 +24,8 @@ import json
 import math
 import os
 import signal
+import subprocess
+import sys
 import time
 from dataclasses import dataclass
 from typing import Dict, List, Literal, Optional
@@ -73,6 +75,8 @@ class Args:
     """OGBench goal-conditioned dataset name"""
     dataset_dir: str = "~/.ogbench/data"
     """directory with <env_id>.npz and <env_id>-val.npz (make them with make_dataset.py)"""
+    make_dataset: bool = False
+    """OGBench data missing and not downloadable: make it with the make_dataset.py beside this script (minutes)"""
     gamma: float = 0.97
     """goals are the observation k ~ Geometric(1 - gamma) steps later in the same trajectory"""
     noise_std: float = 0.1
@@ -199,9 +203,10 @@ def lr_factor(step: int, args: Args) -> float:
 # -------------------------------------------------------------------------------------------------- data
 
 
-def load_ogbench(env_id: str, dataset_dir: str, singletask: bool):
+def load_ogbench(env_id: str, dataset_dir: str, singletask: bool, make_missing: bool = False):
     """The evaluation env and the train/val data of an OGBench dataset (a singletask name reads its dataset's
-    file with that task's rewards), checked; a clear error when the name or the files are wrong."""
+    file with that task's rewards), checked; a clear error when the name or the files are wrong. A missing file
+    is downloaded, or with `make_missing` made by the make_dataset.py beside this script."""
     parts = env_id.split("-")
     if ("singletask" in parts) != singletask:
         fix = f"{env_id[:-3]}-singletask-task1-v0" if singletask else env_id.split("-singletask")[0] + "-v0"
@@ -221,8 +226,14 @@ def load_ogbench(env_id: str, dataset_dir: str, singletask: bool):
         try:
             ogbench.download_datasets([dataset], dataset_dir)
         except Exception as err:  # no network, unknown file, ...
-            why = f"{type(err).__name__}: {err}"
-            raise SystemExit(f"{path} is missing and OGBench's download failed ({why}). Make it locally with\n  {make}")
+            tool = os.path.join(os.path.dirname(os.path.abspath(__file__)), "make_dataset.py")
+            if not (make_missing and os.path.exists(tool)):
+                why = f"{path} is missing and OGBench's download failed ({type(err).__name__}: {err})"
+                hint = "\n(or add --make-dataset to make it now)" if os.path.exists(tool) else ""
+                raise SystemExit(f"{why}. Make it locally with\n  {make}{hint}")
+            print(f"{path} is missing and OGBench's download failed: making it with {tool} (OGBench's size)")
+            if subprocess.run([sys.executable, tool, dataset, "--dataset-dir", dataset_dir]).returncode != 0:
+                raise SystemExit(f"{tool} could not make {dataset} (its message is above)")
     try:
         env, train, val = ogbench.make_env_and_datasets(env_id, dataset_dir=dataset_dir)
     except Exception as err:  # truncated, empty or foreign files fail deep inside ogbench
@@ -645,7 +656,7 @@ def main(args: Args):
     torch.manual_seed(args.seed)
     rng = np.random.default_rng(args.seed)
 
-    env, train_data, val_data = load_ogbench(args.env_id, args.dataset_dir, singletask=False)
+    env, train_data, val_data = load_ogbench(args.env_id, args.dataset_dir, False, args.make_dataset)
     train, val = GoalDataset(train_data, device), GoalDataset(val_data, device)
     if args.batch_size > train.size:
         raise SystemExit(f"--batch-size {args.batch_size} is larger than the {train.size:,} training transitions")

@@ -1,8 +1,10 @@
 """Bad data is refused when it is loaded, before a run directory is made, in one line that names the file, the
 key, the first bad row and the fix; never a traceback from inside a library, never a wrong number."""
 
+import dataclasses
 import os
 import shutil
+import subprocess
 
 import numpy as np
 import pytest
@@ -112,3 +114,21 @@ def test_paths_that_cannot_work_are_refused_before_anything_starts(tmp_path, poi
     argv = ["--num-envs", "3", "--total-env-steps", "100", "--output-dir", str(tmp_path)]
     with pytest.raises(SystemExit, match="--total-env-steps counts all 3 envs together: use a multiple, e.g. 99"):
         nf_goal_explore.main(tyro.cli(nf_goal_explore.Args, args=argv))
+
+
+def test_make_dataset_flag_makes_a_missing_dataset_with_the_tool_beside_the_script(tmp_path, monkeypatch, capsys):
+    """--make-dataset runs make_dataset.py (here at a tiny size, so the test is quick) when the file is missing
+    and the download fails; without it the message names both ways."""
+    import make_dataset
+
+    def tiny_make_dataset(command, **kwargs):
+        assert command[1].endswith("make_dataset.py") and command[2:] == [ENV, "--dataset-dir", str(tmp_path)]
+        args = make_dataset.Args(env_name=ENV, dataset_dir=str(tmp_path), num_transitions=500, episode_steps=250)
+        make_dataset.make_dataset(dataclasses.replace(args, num_workers=1))
+        return subprocess.CompletedProcess(command, 0)
+
+    with pytest.raises(SystemExit, match=f"python make_dataset.py {ENV} .*\n.*or add --make-dataset"):
+        nf_gcbc.load_ogbench(ENV, str(tmp_path), singletask=False)
+    monkeypatch.setattr(nf_gcbc.subprocess, "run", tiny_make_dataset)
+    env, train, val = nf_gcbc.load_ogbench(ENV, str(tmp_path), singletask=False, make_missing=True)
+    assert len(train["actions"]) > 400 and "making it with" in capsys.readouterr().out
