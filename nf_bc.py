@@ -335,6 +335,8 @@ def check_data(data: Dict[str, np.ndarray], name: str, fix: str, box=None, obs_d
     if box is not None:
         low, high = box
         actions = np.asarray(data["actions"]).reshape(n, -1)
+        if actions.shape[1] != np.size(low):
+            raise SystemExit(f"{name}: actions of size {actions.shape[1]}, the environment's {np.size(low)}; {fix}")
         outside = ((actions < low - 1e-3 * (high - low)) | (actions > high + 1e-3 * (high - low))).any(1)
         if outside.any():
             row = np.flatnonzero(outside)[0]

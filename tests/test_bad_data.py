@@ -42,6 +42,7 @@ def bc(tmp_path, data):
         ({"observations": np.zeros((0, 3), np.float32), "actions": np.zeros((0, 2), np.float32),
           "terminals": np.zeros(0, bool)}, "no transitions"),
         ({"observations": np.array([["a"] * 3] * 60)}, "expected numeric values"),
+        ({"terminals": np.zeros(60, bool)}, "the last step is not marked as an episode end"),
     ],
 )  # fmt: skip
 def test_broken_demonstrations_are_refused_before_a_run_starts(tmp_path, changes, message):

@@ -37,8 +37,13 @@ def test_a_checkpoint_cut_short_is_skipped_and_the_run_resumes_from_the_one_befo
     expected = params(f"{run_dir}/checkpoints/step_6.pt")
     assert not [f for f in os.listdir(run_dir) + os.listdir(f"{run_dir}/checkpoints") if f.endswith(".tmp")]
     open(f"{run_dir}/checkpoints/step_6.pt", "wb").close()  # what a kill during torch.save used to leave
+    with open(f"{run_dir}/eval.csv") as f:
+        wall_before = [float(row.split(",")[1]) for row in f.read().split()[1:]]
     gcbc(["--resume", run_dir])
     assert "skipped step_6.pt is not a readable checkpoint" in capsys.readouterr().out
+    with open(f"{run_dir}/eval.csv") as f:
+        wall_after = [float(row.split(",")[1]) for row in f.read().split()[1:]]
+    assert wall_after[:2] == wall_before[:2] and wall_after[2] >= wall_after[1]  # the wall time goes on
     for key, value in expected.items():
         torch.testing.assert_close(params(f"{run_dir}/checkpoints/step_6.pt")[key], value, rtol=0, atol=0)
 
