@@ -769,7 +769,7 @@ class RunLog:
         os.remove(self.lock)
         script, step = os.path.basename(__file__), self.rows[-1][0] if len(self.rows) > 1 else 0
         if stopped_by is not None:
-            print(f"{stopped_by}: stopped with a checkpoint; continue with\n  python {script} --resume {self.dir}")
+            tqdm.write(f"{stopped_by}: stopped with a checkpoint; continue with\n  python {script} --resume {self.dir}")
             return
         last = ", ".join(f"{k} {v}" for k, v in zip(self.rows[0][2:], self.rows[-1][2:]) if v not in ("nan", ""))
         print(f"done: {self.dir}\n  last evaluation ({self.fields[0]} {step}): {last}\n  eval.csv, checkpoints/ and "
