@@ -216,8 +216,12 @@ def load_ogbench(env_id: str, dataset_dir: str, singletask: bool, make_missing: 
     env_name = "-".join(dataset.split("-")[:-2] + (parts[parts.index("singletask") :] if singletask else ["v0"]))
     if len(parts) < 3 or env_name not in gymnasium.registry:
         kinds = ("navigate", "stitch", "explore", "play", "noisy")
-        names = [k.replace("-singletask", f"-{kind}-singletask") if singletask else f"{k[:-3]}-{kind}-v0"
-                 for k in gymnasium.registry for kind in kinds if ("singletask" in k) == singletask]  # fmt: skip
+        names = [
+            k.replace("-singletask", f"-{kind}-singletask") if singletask else f"{k[:-3]}-{kind}-v0"
+            for k in gymnasium.registry
+            for kind in kinds
+            if ("singletask" in k) == singletask
+        ]
         raise SystemExit(f"unknown OGBench dataset {env_id!r}" + did_you_mean(env_id, names))
     dataset_dir = os.path.expanduser(dataset_dir)
     path = os.path.join(dataset_dir, f"{dataset}.npz")
@@ -523,9 +527,12 @@ class RunLog:
         if stopped_by is not None:
             tqdm.write(f"{stopped_by}: stopped with a checkpoint; continue with\n  python {script} --resume {self.dir}")
             return
-        last = ", ".join(f"{k} {v}" for k, v in zip(self.rows[0][2:], self.rows[-1][2:]) if v not in ("nan", ""))
-        print(f"done: {self.dir}\n  last evaluation ({self.fields[0]} {step}): {last}\n  eval.csv, checkpoints/ and "
-              f"TensorBoard events there: tensorboard --logdir {self.dir}")  # fmt: skip
+        last = [
+            f"{k} {v:.3f}" if isinstance(v, float) else f"{k} {v}" for k, v in zip(self.fields[2:], self.rows[-1][2:])
+        ]
+        last = ", ".join(s for s in last if not s.endswith(" nan"))
+        tqdm.write(f"done: {self.dir}\n  last evaluation ({self.fields[0]} {step}): {last}")
+        tqdm.write(f"  eval.csv and checkpoints/ are there; the curves: tensorboard --logdir {self.dir}")
 
 
 class StopSignals:

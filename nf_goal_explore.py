@@ -726,9 +726,12 @@ class RunLog:
         if stopped_by is not None:
             tqdm.write(f"{stopped_by}: stopped with a checkpoint; continue with\n  python {script} --resume {self.dir}")
             return
-        last = ", ".join(f"{k} {v}" for k, v in zip(self.rows[0][2:], self.rows[-1][2:]) if v not in ("nan", ""))
-        print(f"done: {self.dir}\n  last evaluation ({self.fields[0]} {step}): {last}\n  eval.csv, checkpoints/ and "
-              f"TensorBoard events there: tensorboard --logdir {self.dir}")  # fmt: skip
+        last = [
+            f"{k} {v:.3f}" if isinstance(v, float) else f"{k} {v}" for k, v in zip(self.fields[2:], self.rows[-1][2:])
+        ]
+        last = ", ".join(s for s in last if not s.endswith(" nan"))
+        tqdm.write(f"done: {self.dir}\n  last evaluation ({self.fields[0]} {step}): {last}")
+        tqdm.write(f"  eval.csv and checkpoints/ are there; the curves: tensorboard --logdir {self.dir}")
 
 
 class StopSignals:

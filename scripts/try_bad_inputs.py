@@ -35,8 +35,11 @@ def main():
     os.makedirs(bad)
     with np.load(os.path.join(data, f"{NAV}.npz")) as f:
         arrays = {k: f[k] for k in f.files}
-    demos = {"observations": np.zeros((40, 2), np.float32), "actions": np.zeros((40, 2), np.float32),
-             "terminals": np.arange(40) % 20 == 19}  # fmt: skip
+    demos = {
+        "observations": np.zeros((40, 2), np.float32),
+        "actions": np.zeros((40, 2), np.float32),
+        "terminals": np.arange(40) % 20 == 19,
+    }
 
     def dataset(name, **changes):  # a copy of the navigate set (and its -val) with some arrays changed
         directory = os.path.join(bad, name)
@@ -55,8 +58,22 @@ def main():
     gcbc = ["nf_gcbc.py", "--env-id", NAV, "--dataset-dir", data, "--output-dir", runs] + TINY
     done = python(*gcbc)
     (gcbc_run,) = glob.glob(os.path.join(runs, "*"))
-    bc_run = python("nf_bc.py", "--source", "ogbench", "--env-id", TASK1, "--dataset-dir", data, "--output-dir",
-                    os.path.join(work, "bc_runs"), "--action-horizon", "2", "--exec-horizon", "1", *TINY)  # fmt: skip
+    bc_run = python(
+        "nf_bc.py",
+        "--source",
+        "ogbench",
+        "--env-id",
+        TASK1,
+        "--dataset-dir",
+        data,
+        "--output-dir",
+        os.path.join(work, "bc_runs"),
+        "--action-horizon",
+        "2",
+        "--exec-horizon",
+        "1",
+        *TINY,
+    )
     (bc_run,) = glob.glob(os.path.join(work, "bc_runs", "*"))
     os.makedirs(os.path.join(work, "only_bad", "checkpoints"))
     open(os.path.join(work, "only_bad", "checkpoints", "step_2.pt"), "wb").close()
@@ -159,8 +176,11 @@ def main():
         first = next((line for line in reversed(lines) if not line.startswith(" ")), "")  # the message, not the log
         shown = " ".join(a if not a.startswith(work) else "$TMP" + a[len(work) :] for a in case)
         traceback = "Traceback (most recent call last)" in result.stderr
-        print(f"| {script} | `{shown[:90]}` | {result.returncode} | {first[:150].replace(work, '$TMP')} "
-              f"| {'YES' if traceback else 'no'} | {', '.join(left[:2]) or 'nothing'} |", flush=True)  # fmt: skip
+        print(
+            f"| {script} | `{shown[:90]}` | {result.returncode} | {first[:150].replace(work, '$TMP')} "
+            f"| {'YES' if traceback else 'no'} | {', '.join(left[:2]) or 'nothing'} |",
+            flush=True,
+        )
         shutil.rmtree(os.path.join(work, "case_runs"), ignore_errors=True)
     shutil.rmtree(work, ignore_errors=True)
 

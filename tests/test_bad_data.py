@@ -21,8 +21,11 @@ ENV = "pointmaze-medium-navigate-v0"
 
 def demos(n=60, **changes):
     rng = np.random.default_rng(0)
-    data = {"observations": rng.normal(size=(n, 3)).astype(np.float32),
-            "actions": rng.uniform(-1, 1, (n, 2)).astype(np.float32), "terminals": np.arange(n) % 20 == 19}  # fmt: skip
+    data = {
+        "observations": rng.normal(size=(n, 3)).astype(np.float32),
+        "actions": rng.uniform(-1, 1, (n, 2)).astype(np.float32),
+        "terminals": np.arange(n) % 20 == 19,
+    }
     return dict(data, **changes)
 
 

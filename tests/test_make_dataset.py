@@ -184,8 +184,13 @@ def test_episode_count_and_transition_count_are_exclusive(tmp_path):
 
 def test_an_unwritable_directory_is_refused_before_collecting_and_stale_temporary_files_go(tmp_path, capsys):
     (tmp_path / "a_file").write_text("")
-    args = make_dataset.Args(env_name="pointmaze-medium-navigate-v0", dataset_dir=str(tmp_path / "a_file"),
-                             num_transitions=500, episode_steps=250, num_workers=1)  # fmt: skip
+    args = make_dataset.Args(
+        env_name="pointmaze-medium-navigate-v0",
+        dataset_dir=str(tmp_path / "a_file"),
+        num_transitions=500,
+        episode_steps=250,
+        num_workers=1,
+    )
     with pytest.raises(SystemExit, match="--dataset-dir .*a_file: cannot write there"):
         make_dataset.main(args)
     assert "episode" not in capsys.readouterr().out  # nothing was collected

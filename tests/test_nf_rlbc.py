@@ -271,12 +271,25 @@ def test_the_update_on_a_hand_built_batch(online):
     with torch.no_grad():
         data_nll = -actor.flow.log_prob(batch["actions"][:2], actor.encoder(batch["observations"][:2])).mean()
     critic_before, target_before = ([p.detach().clone() for p in c.parameters()] for c in (critic, target_critic))
-    logs = nf_rlbc.update(batch, actor=actor, critic=critic, target_critic=target_critic, optimizers=optimizers,
-                          log_temperature=log_temperature, online=online, bc_weight=1.0, entropy_weight=0.0,
-                          target_entropy=-2.0, discount=0.9, tau=0.25, q_agg="min")  # fmt: skip
+    logs = nf_rlbc.update(
+        batch,
+        actor=actor,
+        critic=critic,
+        target_critic=target_critic,
+        optimizers=optimizers,
+        log_temperature=log_temperature,
+        online=online,
+        bc_weight=1.0,
+        entropy_weight=0.0,
+        target_entropy=-2.0,
+        discount=0.9,
+        tau=0.25,
+        q_agg="min",
+    )
     torch.testing.assert_close(logs["bc_nll"], data_nll)  # the two online rows are not cloned
     assert (log_temperature.item() != start) == online
-    for before, old_target, new_critic, new_target in zip(critic_before, target_before, critic.parameters(),
-                                                           target_critic.parameters()):  # fmt: skip
+    for before, old_target, new_critic, new_target in zip(
+        critic_before, target_before, critic.parameters(), target_critic.parameters()
+    ):
         assert not torch.equal(before, new_critic)
         torch.testing.assert_close(new_target, old_target + 0.25 * (new_critic.detach() - old_target))

@@ -103,12 +103,23 @@ def test_sigterm_saves_prints_the_resume_command_and_the_resumed_run_matches(tmp
             "--no-cuda"]  # fmt: skip
     argv += ["--warmup-steps", "10"] if script == "nf_gcbc.py" else ["--encoder-dim", "16", "--critic-dim", "16"]
     env = dict(os.environ, OMP_NUM_THREADS="1")
-    whole = subprocess.run([sys.executable, script] + argv + ["--output-dir", str(tmp_path / "whole")], cwd=ROOT,
-                           env=env, capture_output=True, text=True)  # fmt: skip
+    whole = subprocess.run(
+        [sys.executable, script] + argv + ["--output-dir", str(tmp_path / "whole")],
+        cwd=ROOT,
+        env=env,
+        capture_output=True,
+        text=True,
+    )
     assert whole.returncode == 0, whole.stderr[-2000:]
     assert "done: " in whole.stdout
-    run = subprocess.Popen([sys.executable, script] + argv + ["--output-dir", str(tmp_path / "cut")], cwd=ROOT, env=env,
-                           stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)  # fmt: skip
+    run = subprocess.Popen(
+        [sys.executable, script] + argv + ["--output-dir", str(tmp_path / "cut")],
+        cwd=ROOT,
+        env=env,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
     deadline = time.time() + 120
     while not any(f.endswith("step_300.pt") for _, _, files in os.walk(tmp_path / "cut") for f in files):
         assert run.poll() is None and time.time() < deadline, "the run ended before its first checkpoint"
