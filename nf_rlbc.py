@@ -977,9 +977,7 @@ def main(args: Args):
             intervals = (args.log_interval, args.eval_interval, args.save_interval)
             log_now, eval_now, save_now = (phase_step % n == 0 or last for n in intervals)
             save_now = save_now or stop.caught is not None  # SIGTERM, SIGUSR1 or Ctrl-C: save, then stop
-            if (log_now or eval_now or save_now) and (
-                bad := first_bad.item()
-            ) >= 0:  # before it logs, evaluates or saves
+            if (log_now or eval_now or save_now) and (bad := first_bad.item()) >= 0:  # before it logs, evaluates, saves
                 where = f"online env step {bad - args.total_steps}" if bad > args.total_steps else f"offline step {bad}"
                 raise SystemExit(f"non-finite training loss at {where}; stopping (try a lower --learning-rate)")
             if log_now:

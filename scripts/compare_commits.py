@@ -106,8 +106,9 @@ def train(tree: str, script: str, argv, data: str, out: str) -> str:
 def differences(a, b, atol: float, where: str = ""):
     """Paths inside two checkpoints (nested dicts, lists, tensors, numbers, strings) where they differ."""
     if isinstance(a, dict) and isinstance(b, dict):
-        metadata = ("args", "step", "script") if where == "" else ()  # a step counter may change meaning (the
-        if set(a) - set(metadata) != set(b) - set(metadata):  # checkpoints' names pin it); the writer's name is new
+        # a step counter may change meaning (the checkpoints' names pin it down); the writer's name is new
+        metadata = ("args", "step", "script") if where == "" else ()
+        if set(a) - set(metadata) != set(b) - set(metadata):
             yield f"{where}: keys {sorted(set(a) ^ set(b))} in one only"
         for key in sorted(set(a) & set(b), key=str):
             if key in metadata:
