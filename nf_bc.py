@@ -855,6 +855,14 @@ def common_problems(args, positive) -> List[str]:
     return problems
 
 
+def leave_together(world: int):
+    """Under torchrun every process waits here until rank 0 has evaluated and saved, and then all leave the process
+    group at once: a process that exits while its peers still talk to it makes gloo abort them."""
+    if world > 1:
+        dist.barrier()
+        dist.destroy_process_group()
+
+
 def check_args(args: Args):
     names = ("total_steps", "batch_size", "log_interval", "eval_interval", "eval_episodes", "save_interval")
     names += ("obs_horizon", "action_horizon", "exec_horizon")
@@ -954,6 +962,7 @@ def main(args: Args):
                     raise SystemExit(1 if rank else f"{why} (try a lower --learning-rate or a larger --noise-std)")
             if not is_main:
                 if stopping:
+                    leave_together(world)
                     raise SystemExit(1)
                 continue  # the other processes only train (their share of each batch)
             if log_now:
@@ -967,11 +976,11 @@ def main(args: Args):
                 save_checkpoint(run_dir, step, dict(state, step=step), args, rng)
             if stopping:
                 log.close(stopped_by=f"{stop.caught} at step {step}")
+                leave_together(world)
                 raise SystemExit(1)
     if is_main:
         log.close()
-    if world > 1:
-        dist.destroy_process_group()
+    leave_together(world)
     return run_dir, policy
 
 
