@@ -3,8 +3,9 @@
 "Normalizing Flows are Capable Models for RL" (Ghugare & Eysenbach, 2025): maximise
 log p(a_t, ..., a_{t+k-1} | o_{t-h+1}, ..., o_t) on demonstrations. When acting, the policy samples a chunk of
 k actions from the last h observations and executes the first m of them before it samples again. Actions are
-noised during training and denoised when acting. `--policy gaussian` swaps in a Gaussian MLP over the same
-chunk (3 x 512, state-independent std, evaluated at its mean), trained on the same batches.
+noised during training and denoised when acting. The same batches train the competitors: `--policy gaussian`
+(a Gaussian MLP over the chunk, acting with its mean), `--policy diffusion` (Diffusion Policy's recipe: DDPM
+training, DDIM sampling, an EMA of the weights) and `--policy flow-matching` (Euler steps of a velocity field).
 
 Demonstrations (--source): a plain .npz (observations, actions, terminals), such as the multimodal maze task
 that make_dataset.py writes; an OGBench singletask dataset; or a Minari dataset stored locally.
@@ -17,6 +18,7 @@ eval.csv (mean return, success rate and normalised score where the task defines 
 NLL), checkpoints/ and videos/.
 """
 
+import copy
 import csv
 import dataclasses
 import datetime
@@ -93,11 +95,11 @@ class Args:
     exec_horizon: int = 4
     """actions executed from each predicted chunk (m <= k) before the policy is asked again"""
     noise_std: float = 0.1
-    """std of the Gaussian noise added to training actions (scaled to [-1, 1]; denoised at evaluation)"""
+    """flow and Gaussian: std of the noise added to training actions (scaled to [-1, 1]; denoised when acting)"""
 
     # policy
-    policy: Literal["flow", "gaussian"] = "flow"
-    """the policy class: the paper's flow or a Gaussian MLP"""
+    policy: Literal["flow", "gaussian", "diffusion", "flow-matching"] = "flow"
+    """the policy class: the paper's flow, a Gaussian MLP, a diffusion policy or flow matching"""
     num_blocks: int = 12
     """flow blocks"""
     hidden_dim: int = 512
@@ -106,6 +108,10 @@ class Args:
     """size of the observation-history encoding that conditions the flow"""
     denoise: bool = True
     """flow: one Tweedie denoising step on sampled action chunks"""
+    diffusion_steps: int = 10
+    """diffusion: DDIM sampling steps over the 100 training timesteps (100: DDPM's ancestral sampler)"""
+    flow_steps: int = 10
+    """flow matching: Euler steps per sampled chunk"""
 
     # optimisation
     total_steps: int = 1_000_000
@@ -144,14 +150,27 @@ def mlp(sizes, activation, layer_norm: bool) -> nn.Sequential:
     return nn.Sequential(*layers, nn.Linear(sizes[-2], sizes[-1]))
 
 
+def time_embedding(t: torch.Tensor, dim: int = 32) -> torch.Tensor:
+    """Sinusoidal embedding of times t in [0, 1] (100 t: the diffusion timestep): [B, 1] -> [B, dim]."""
+    freqs = torch.exp(torch.arange(dim // 2, device=t.device) * (-math.log(1000.0) / (dim // 2 - 1)))
+    return torch.cat([(100.0 * t * freqs).sin(), (100.0 * t * freqs).cos()], -1)
+
+
+def matching_width(target: int, in_dim: int, out_dim: int) -> int:
+    """The width w of an MLP in_dim -> w -> w -> w -> w -> out_dim with about `target` parameters."""
+    b = in_dim + 4 + out_dim  # the parameters are 3 w^2 + b w + out_dim
+    return max(1, round((-b + math.sqrt(b * b + 12 * max(0, target - out_dim))) / 6))
+
+
 class Policy(nn.Module):
-    """What both policy classes share: observation normalisation and the action box, kept as buffers so that
-    a checkpoint is a complete policy. Observations come in as histories [B, h, o], actions as chunks [B, k, a]
-    scaled to [-1, 1]; act() returns chunks in the environment's units."""
+    """What every policy class shares: observation normalisation and the action box, kept as buffers so that
+    a checkpoint is a complete policy, and the verbs of training and evaluation. Observations come in as
+    histories [B, h, o], actions as chunks [B, k, a] scaled to [-1, 1]; act() returns chunks in the
+    environment's units. Here the flow's and the Gaussian's loss: -log p(chunk + noise | history)."""
 
     def __init__(self, obs_dim: int, action_dim: int, args: Args):
         super().__init__()
-        self.chunk_shape = (args.action_horizon, action_dim)
+        self.chunk_shape, self.noise_std = (args.action_horizon, action_dim), args.noise_std
         self.register_buffer("obs_mean", torch.zeros(obs_dim))
         self.register_buffer("obs_std", torch.ones(obs_dim))
         self.register_buffer("action_low", -torch.ones(action_dim))
@@ -171,8 +190,18 @@ class Policy(nn.Module):
     def to_env_units(self, actions):
         return self.action_low + (actions.clamp(-1, 1) + 1) / 2 * (self.action_high - self.action_low)
 
-    def forward(self, obs, actions):  # what a DistributedDataParallel wrapper calls
-        return self.log_prob(obs, actions)
+    def draw(self, actions, generator=None):
+        """The randomness of a training loss, for a whole batch: here the action noise."""
+        return (torch.randn(actions.shape, generator=generator, device=actions.device),)
+
+    def loss(self, obs, actions, noise):
+        return -self.log_prob(obs, actions + self.noise_std * noise)
+
+    def forward(self, *batch):  # what a DistributedDataParallel wrapper calls
+        return self.loss(*batch)
+
+    def after_step(self):
+        """After each optimiser step: nothing (the diffusion policy updates its EMA)."""
 
 
 class FlowPolicy(Policy):
@@ -183,16 +212,18 @@ class FlowPolicy(Policy):
         super().__init__(obs_dim, action_dim, args)
         self.encoder = mlp([args.obs_horizon * obs_dim] + [512] * 4 + [args.rep_dim], nn.SiLU, layer_norm=True)
         self.flow = ConditionalFlow(args.action_horizon * action_dim, args.rep_dim, args.num_blocks, args.hidden_dim)
+        self.use_denoise = args.denoise
+        self.sampling = "one flow pass" + (" and a denoising step" if args.denoise else "")
 
     def log_prob(self, obs, actions):
         return self.flow.log_prob(actions.flatten(1), self.encoder(self.features(obs)))
 
-    def act(self, obs, generator: torch.Generator, noise_std: float, use_denoise: bool):
+    def act(self, obs, generator: torch.Generator):
         cond = self.encoder(self.features(obs))
         z = torch.randn(len(obs), self.flow.dim, generator=generator, device=obs.device)
         actions = self.flow.sample(cond, z)
-        if use_denoise:
-            actions = denoise(self.flow, actions, cond, noise_std)
+        if self.use_denoise:
+            actions = denoise(self.flow, actions, cond, self.noise_std)
         return self.to_env_units(actions.view(len(obs), *self.chunk_shape))
 
 
@@ -204,33 +235,130 @@ class GaussianPolicy(Policy):
         chunk_dim = args.action_horizon * action_dim
         self.net = mlp([args.obs_horizon * obs_dim, 512, 512, 512, chunk_dim], nn.GELU, layer_norm=False)
         self.log_std = nn.Parameter(torch.zeros(chunk_dim))
+        self.sampling = "its mean (one pass)"
 
     def log_prob(self, obs, actions):
         z = (actions.flatten(1) - self.net(self.features(obs))) / self.log_std.exp()
         return (-0.5 * z.square() - self.log_std - 0.5 * math.log(2 * math.pi)).sum(-1)
 
-    def act(self, obs, generator: torch.Generator, noise_std: float, use_denoise: bool):
+    def act(self, obs, generator: torch.Generator):
         return self.to_env_units(self.net(self.features(obs)).view(len(obs), *self.chunk_shape))  # the mean
+
+
+class IterativePolicy(Policy):
+    """The network of the diffusion and flow-matching policies: an MLP 4 x w (GELU) on concat(x_t, embed(t),
+    encoder(history)), with the flow's encoder and w set so that the policy has the flow's parameter count
+    (not Diffusion Policy's 1-D convolutional U-Net)."""
+
+    def __init__(self, obs_dim: int, action_dim: int, args: Args):
+        super().__init__(obs_dim, action_dim, args)
+        self.encoder = mlp([args.obs_horizon * obs_dim] + [512] * 4 + [args.rep_dim], nn.SiLU, layer_norm=True)
+        with torch.random.fork_rng(devices=[]):  # a flow policy of these sizes built aside, for its parameter count
+            target = sum(p.numel() for p in FlowPolicy(obs_dim, action_dim, args).parameters())
+        self.dim = args.action_horizon * action_dim
+        target, in_dim = target - sum(p.numel() for p in self.encoder.parameters()), self.dim + 32 + args.rep_dim
+        self.net = mlp([in_dim] + [matching_width(target, in_dim, self.dim)] * 4 + [self.dim], nn.GELU, False)
+
+    def predict(self, x, t, cond, net=None):
+        return (net or self.net)(torch.cat([x, time_embedding(t), cond], -1))
+
+
+class FlowMatchingPolicy(IterativePolicy):
+    """Flow matching as FQL's BC flow: trained on the linear path x_t = (1 - t) z + t a, z ~ N(0, I),
+    t ~ U(0, 1), to predict the velocity a - z (no action noise); acts with --flow-steps Euler steps from z."""
+
+    def __init__(self, obs_dim: int, action_dim: int, args: Args):
+        super().__init__(obs_dim, action_dim, args)
+        self.steps, self.sampling = args.flow_steps, f"{args.flow_steps} Euler steps"
+
+    def draw(self, actions, generator=None):
+        """The randomness of a training loss, for a whole batch: the path's start z and time t."""
+        z = torch.randn(len(actions), self.dim, generator=generator, device=actions.device)
+        return z, torch.rand(len(actions), 1, generator=generator, device=actions.device)
+
+    def loss(self, obs, actions, z, t):
+        a = actions.flatten(1)
+        return (self.predict((1 - t) * z + t * a, t, self.encoder(self.features(obs))) - (a - z)).square().mean(-1)
+
+    def act(self, obs, generator: torch.Generator):
+        cond = self.encoder(self.features(obs))
+        x = torch.randn(len(obs), self.dim, generator=generator, device=obs.device)
+        for i in range(self.steps):
+            x = x + self.predict(x, torch.full((len(obs), 1), i / self.steps, device=obs.device), cond) / self.steps
+        return self.to_env_units(x.view(len(obs), *self.chunk_shape))
+
+
+class DiffusionPolicy(IterativePolicy):
+    """Diffusion Policy's recipe: epsilon prediction over 100 timesteps of the squared-cosine schedule; acts by
+    DDIM with --diffusion-steps steps (100: DDPM's ancestral sampler, which is DDIM with eta 1 on every step),
+    predicted chunks clipped to [-1, 1], from an EMA of the weights (decay 1 - (1 + n)^-0.75 after n updates,
+    at most 0.9999, as Diffusion Policy's EMAModel)."""
+
+    def __init__(self, obs_dim: int, action_dim: int, args: Args):
+        super().__init__(obs_dim, action_dim, args)
+        f = torch.cos((torch.linspace(0, 1, 101, dtype=torch.float64) + 0.008) / 1.008 * math.pi / 2).square()
+        self.register_buffer("alpha_bars", torch.cumprod(1 - (1 - f[1:] / f[:-1]).clamp(max=0.999), 0).float())
+        self.ema = copy.deepcopy(nn.ModuleList([self.encoder, self.net])).requires_grad_(False)
+        self.register_buffer("ema_updates", torch.zeros(()))
+        self.steps, self.sampling = args.diffusion_steps, f"{args.diffusion_steps} DDIM steps (EMA weights)"
+
+    def draw(self, actions, generator=None):
+        """The randomness of a training loss, for a whole batch: the noise and the timestep."""
+        noise = torch.randn(len(actions), self.dim, generator=generator, device=actions.device)
+        return noise, torch.randint(100, (len(actions), 1), generator=generator, device=actions.device)
+
+    def loss(self, obs, actions, noise, k):
+        a_bar = self.alpha_bars[k]
+        x = a_bar.sqrt() * actions.flatten(1) + (1 - a_bar).sqrt() * noise
+        return (self.predict(x, k / 100, self.encoder(self.features(obs))) - noise).square().mean(-1)
+
+    @torch.no_grad()
+    def after_step(self):
+        decay = (1 - (1 + self.ema_updates) ** -0.75).clamp(max=0.9999)
+        for ema, p in zip(self.ema.parameters(), [*self.encoder.parameters(), *self.net.parameters()]):
+            ema.lerp_(p, 1 - decay)
+        self.ema_updates += 1
+
+    def act(self, obs, generator: torch.Generator):
+        encoder, net = self.ema
+        cond, one = encoder(self.features(obs)), torch.ones((), device=obs.device)
+        x = torch.randn(len(obs), self.dim, generator=generator, device=obs.device)
+        ks = [i * (100 // self.steps) for i in reversed(range(self.steps))]  # 90, 80, ..., 0 for 10 steps
+        for k, k_prev in zip(ks, ks[1:] + [-1]):
+            a, a_prev = self.alpha_bars[k], self.alpha_bars[k_prev] if k_prev >= 0 else one
+            eps = self.predict(x, torch.full((len(obs), 1), k / 100, device=obs.device), cond, net)
+            x0 = ((x - (1 - a).sqrt() * eps) / a.sqrt()).clamp(-1, 1)
+            eps = (x - a.sqrt() * x0) / (1 - a).sqrt()  # the noise that the clipped prediction implies
+            sigma = ((1 - a_prev) / (1 - a) * (1 - a / a_prev)).sqrt() if self.steps == 100 else 0 * one
+            x = a_prev.sqrt() * x0 + (1 - a_prev - sigma.square()).clamp_min(0).sqrt() * eps
+            x = x + sigma * torch.randn(x.shape, generator=generator, device=x.device)
+        return self.to_env_units(x.view(len(obs), *self.chunk_shape))
+
+
+POLICIES = {"flow": FlowPolicy, "gaussian": GaussianPolicy, "diffusion": DiffusionPolicy}
+POLICIES["flow-matching"] = FlowMatchingPolicy
 
 
 # --------------------------------------------------------------------------------------------- algorithm
 
 
-def bc_loss(model, obs, actions, *, noise_std: float, share: slice = slice(None)) -> torch.Tensor:
-    """-log p(chunk + noise | history) over this process's share of the batch. The noise is drawn for the whole
+def bc_loss(model, policy, obs, actions, *, share: slice = slice(None)) -> torch.Tensor:
+    """The policy's loss (flow, Gaussian: -log p(chunk + noise | history); diffusion: the noise error; flow
+    matching: the velocity error) over this process's share of the batch. Its randomness is drawn for the whole
     batch, so the processes of a data-parallel run together see what a single process sees."""
-    noisy_actions = actions + noise_std * torch.randn_like(actions)
-    return -model(obs[share], noisy_actions[share]).mean()
+    draws = policy.draw(actions)
+    return model(obs[share], actions[share], *(d[share] for d in draws)).mean()
 
 
-def update(model, optimizer, scheduler, batch, *, noise_std: float, share: slice = slice(None)):
+def update(model, policy, optimizer, scheduler, batch, *, share: slice = slice(None)):
     """One AdamW step on a batch (histories, chunks); returns the loss for logging (not read here)."""
-    loss = bc_loss(model, *batch, noise_std=noise_std, share=share)
+    loss = bc_loss(model, policy, *batch, share=share)
     optimizer.zero_grad(set_to_none=True)
     loss.backward()  # under DDP this also averages the gradients of all processes
     optimizer.step()
     scheduler.step()
-    return {"nll": loss.detach()}
+    policy.after_step()  # the diffusion policy's EMA of the weights
+    return {"loss": loss.detach()}
 
 
 def lr_factor(step: int, args: Args) -> float:
@@ -518,8 +646,10 @@ def evaluate(
     success) and normalised score (where defined) over one episode per env. All envs run in lockstep: every
     exec_horizon steps the policy plans a chunk for all of them."""
     policy.eval()
-    stats = {"val_nll": -policy.log_prob(*val_batch).mean().item() if val_batch else math.nan}
-    stats.update(dict.fromkeys(("return", "success", "score"), math.nan))
+    stats = dict.fromkeys(("val_loss", "val_nll", "return", "success", "score"), math.nan)
+    if val_batch:
+        stats["val_loss"] = policy.loss(*val_batch[:2], *val_batch[2]).mean().item()
+        stats["val_nll"] = stats["val_loss"] if hasattr(policy, "log_prob") else math.nan
     if not envs:
         policy.train()
         return stats
@@ -544,7 +674,7 @@ def evaluate(
         if t % args.exec_horizon == 0:
             idx = np.flatnonzero(active)
             obs = torch.as_tensor(history[idx], dtype=torch.float32, device=device)
-            chunk = policy.act(obs, generator, args.noise_std, args.denoise).cpu().numpy()
+            chunk = policy.act(obs, generator).cpu().numpy()
             plan = np.zeros((n,) + chunk.shape[1:], np.float32)
             plan[idx] = chunk
         if video_dir is not None and active[0]:
@@ -866,8 +996,10 @@ def leave_together(world: int):
 def check_args(args: Args):
     names = ("total_steps", "batch_size", "log_interval", "eval_interval", "eval_episodes", "save_interval")
     names += ("obs_horizon", "action_horizon", "exec_horizon")
-    names += ("learning_rate", "num_blocks", "hidden_dim", "rep_dim", "eval_max_steps")
+    names += ("learning_rate", "num_blocks", "hidden_dim", "rep_dim", "eval_max_steps", "flow_steps", "diffusion_steps")
     problems = common_problems(args, names)
+    if args.diffusion_steps > 100:
+        problems.append("--diffusion-steps cannot exceed the 100 training timesteps (100: DDPM)")
     if args.exec_horizon > args.action_horizon:
         problems.append(
             f"--exec-horizon ({args.exec_horizon}) cannot exceed --action-horizon ({args.action_horizon}): "
@@ -901,11 +1033,11 @@ def main(args: Args):
     if args.batch_size > train.size:
         raise SystemExit(f"--batch-size {args.batch_size} is larger than the {train.size:,} training transitions")
     val = ChunkDataset(val_data, args.obs_horizon, args.action_horizon, device) if val_data is not None else None
-    policy_class = FlowPolicy if args.policy == "flow" else GaussianPolicy
-    policy = policy_class(train.observations.shape[1], train.actions.shape[1], args).to(device)
+    policy = POLICIES[args.policy](train.observations.shape[1], train.actions.shape[1], args).to(device)
     policy.set_units(train.observations, low, high)
+    trained = [p for p in policy.parameters() if p.requires_grad]  # not the diffusion policy's EMA copy
     # fused: one kernel for all parameter tensors (on CPU ~5x faster than the default per-tensor loop)
-    optimizer = torch.optim.AdamW(policy.parameters(), args.learning_rate, weight_decay=args.weight_decay, fused=True)
+    optimizer = torch.optim.AdamW(trained, args.learning_rate, weight_decay=args.weight_decay, fused=True)
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: lr_factor(step, args))
     start_step = 0
     if checkpoint is not None:
@@ -923,16 +1055,18 @@ def main(args: Args):
     val_batch = None
     if val is not None:  # one fixed validation batch
         obs, actions = val.sample(1_024, np.random.default_rng(0))
-        noise = torch.randn(actions.shape, generator=torch.Generator(device).manual_seed(0), device=device)
-        val_batch = (obs, actions + args.noise_std * noise)
+        val_batch = (obs, actions, policy.draw(actions, torch.Generator(device).manual_seed(0)))
     evaluate_at = functools.partial(evaluate, policy, envs, obs_space, val_batch, args, device, score_fn=score_fn)
     if args.eval_only:  # no training: evaluate the checkpoint and write the result beside its run
         return evaluate_only(path, start_step, evaluate_at, args), policy
 
     run_dir = run_directory(args, path) if is_main else None
     if is_main:
-        log = RunLog(run_dir, args, ["step", "wall_time", "val_nll", "return", "success", "score"], start_step)
-        size = f"{sum(p.numel() for p in policy.parameters()):,} parameters, {train.size:,} transitions on {device}"
+        log = RunLog(
+            run_dir, args, ["step", "wall_time", "val_loss", "val_nll", "return", "success", "score"], start_step
+        )
+        size = f"{sum(p.numel() for p in trained):,} parameters, acts with {policy.sampling}"
+        size += f"; {train.size:,} transitions on {device}"
         where = f"resumed {run_dir} at step {start_step}" if start_step else f"writing to {run_dir}"
         print(f"{args.policy} policy, {size}" + (f" x {world} processes" if world > 1 else "") + f"; {where}")
         if not envs:
@@ -948,7 +1082,7 @@ def main(args: Args):
     with StopSignals() as stop:
         for step in tqdm(steps, initial=start_step, total=args.total_steps, smoothing=0.05, disable=not is_main):
             batch = train.sample(args.batch_size, rng)  # the global batch, the same in every process
-            logs = update(model, optimizer, scheduler, batch, noise_std=args.noise_std, share=share)
+            logs = update(model, policy, optimizer, scheduler, batch, share=share)
             first_bad = non_finite_step(first_bad, step, logs)
 
             last = step == args.total_steps

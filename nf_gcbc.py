@@ -3,7 +3,8 @@
 "Normalizing Flows are Capable Models for RL" (Ghugare & Eysenbach, 2025): maximise log p(a | s, g) over
 an offline dataset, with g a future observation of the same trajectory at a geometric offset, the flow
 conditioned on an encoder of concat(s, g), actions noised during training and denoised when acting.
-`--policy gaussian` swaps in OGBench's GCBC actor (MLP 3 x 512, state-independent std) on the same batches.
+`--policy gaussian` swaps in OGBench's GCBC actor (MLP 3 x 512, state-independent std) and `--policy flow-matching`
+a flow-matching GCBC (FM-GCBC: a velocity field sampled with Euler steps), both trained on the same batches.
 
     python make_dataset.py pointmaze-medium-navigate-v0 --dataset-dir data
     python nf_gcbc.py --env-id pointmaze-medium-navigate-v0 --dataset-dir data
@@ -80,11 +81,11 @@ class Args:
     gamma: float = 0.97
     """goals are the observation k ~ Geometric(1 - gamma) steps later in the same trajectory"""
     noise_std: float = 0.1
-    """std of the Gaussian noise added to training actions (denoised at evaluation)"""
+    """flow and Gaussian: std of the Gaussian noise added to training actions (denoised at evaluation)"""
 
     # policy
-    policy: Literal["flow", "gaussian"] = "flow"
-    """the policy class: the paper's flow or OGBench's Gaussian GCBC actor"""
+    policy: Literal["flow", "gaussian", "flow-matching"] = "flow"
+    """the policy class: the paper's flow, OGBench's Gaussian GCBC actor or flow matching (FM-GCBC)"""
     num_blocks: int = 6
     """flow blocks"""
     hidden_dim: int = 256
@@ -93,6 +94,8 @@ class Args:
     """size of the (state, goal) encoding that conditions the flow"""
     denoise: bool = True
     """flow: one Tweedie denoising step on sampled actions"""
+    flow_steps: int = 10
+    """flow matching: Euler steps per sampled action"""
 
     # optimisation
     total_steps: int = 1_000_000
@@ -131,65 +134,133 @@ def mlp(sizes, activation, layer_norm: bool) -> nn.Sequential:
     return nn.Sequential(*layers, nn.Linear(sizes[-2], sizes[-1]))
 
 
-class FlowPolicy(nn.Module):
-    """p(a | s, g): an encoder of concat(s, g) (4 x 512, SiLU, LayerNorm) conditions the flow."""
+def time_embedding(t: torch.Tensor, dim: int = 32) -> torch.Tensor:
+    """Sinusoidal embedding of times t in [0, 1]: [B, 1] -> [B, dim]."""
+    freqs = torch.exp(torch.arange(dim // 2, device=t.device) * (-math.log(1000.0) / (dim // 2 - 1)))
+    return torch.cat([(1000.0 * t * freqs).sin(), (1000.0 * t * freqs).cos()], -1)
+
+
+def matching_width(target: int, in_dim: int, out_dim: int) -> int:
+    """The width w of an MLP in_dim -> w -> w -> w -> w -> out_dim with about `target` parameters."""
+    b = in_dim + 4 + out_dim  # the parameters are 3 w^2 + b w + out_dim
+    return max(1, round((-b + math.sqrt(b * b + 12 * max(0, target - out_dim))) / 6))
+
+
+class NoisedLikelihood(nn.Module):
+    """What the flow and the Gaussian policies share: the loss -log p(a + noise | s, g)."""
+
+    def draw(self, actions, generator=None):
+        """The randomness of a training loss, for a whole batch: the action noise."""
+        return (torch.randn(actions.shape, generator=generator, device=actions.device),)
+
+    def loss(self, obs, goals, actions, noise):
+        return -self.log_prob(obs, goals, actions + self.noise_std * noise)
+
+    def forward(self, *batch):  # what a DistributedDataParallel wrapper calls
+        return self.loss(*batch)
+
+
+class FlowPolicy(NoisedLikelihood):
+    """p(a | s, g): an encoder of concat(s, g) (4 x 512, SiLU, LayerNorm) conditions the flow. Acts with a sample,
+    one Tweedie denoising step and clipping to the box."""
 
     def __init__(self, obs_dim: int, action_dim: int, args: Args):
         super().__init__()
         self.encoder = mlp([2 * obs_dim] + [512] * 4 + [args.rep_dim], nn.SiLU, layer_norm=True)
         self.flow = ConditionalFlow(action_dim, args.rep_dim, args.num_blocks, args.hidden_dim)
+        self.noise_std, self.use_denoise = args.noise_std, args.denoise
+        self.sampling = "one flow pass" + (" and a denoising step" if args.denoise else "")
 
     def log_prob(self, obs, goals, actions):
         return self.flow.log_prob(actions, self.encoder(torch.cat([obs, goals], -1)))
 
-    forward = log_prob  # what a DistributedDataParallel wrapper calls
-
-    def act(self, obs, goals, generator: torch.Generator, noise_std: float, use_denoise: bool):
+    def act(self, obs, goals, generator: torch.Generator):
         cond = self.encoder(torch.cat([obs, goals], -1))
         z = torch.randn(len(obs), self.flow.dim, generator=generator, device=obs.device)
         actions = self.flow.sample(cond, z)
-        if use_denoise:
-            actions = denoise(self.flow, actions, cond, noise_std)
+        if self.use_denoise:
+            actions = denoise(self.flow, actions, cond, self.noise_std)
         return actions.clamp(-1, 1)
 
 
-class GaussianPolicy(nn.Module):
-    """OGBench's GCBC actor: MLP 3 x 512 (GELU) on concat(s, g) -> mean, a learned state-independent std."""
+class GaussianPolicy(NoisedLikelihood):
+    """OGBench's GCBC actor: MLP 3 x 512 (GELU) on concat(s, g) -> mean, a learned state-independent std;
+    acts with its mean."""
 
     def __init__(self, obs_dim: int, action_dim: int, args: Args):
         super().__init__()
         self.net = mlp([2 * obs_dim, 512, 512, 512, action_dim], nn.GELU, layer_norm=False)
         self.log_std = nn.Parameter(torch.zeros(action_dim))
+        self.noise_std, self.sampling = args.noise_std, "its mean (one pass)"
 
     def log_prob(self, obs, goals, actions):
         mean = self.net(torch.cat([obs, goals], -1))
         z = (actions - mean) / self.log_std.exp()
         return (-0.5 * z.square() - self.log_std - 0.5 * math.log(2 * math.pi)).sum(-1)
 
-    forward = log_prob  # what a DistributedDataParallel wrapper calls
-
-    def act(self, obs, goals, generator: torch.Generator, noise_std: float, use_denoise: bool):
+    def act(self, obs, goals, generator: torch.Generator):
         return self.net(torch.cat([obs, goals], -1)).clamp(-1, 1)  # the mean, as OGBench evaluates
+
+
+class FlowMatchingPolicy(nn.Module):
+    """FM-GCBC, as FQL's BC flow: a velocity field v(a_t, t | s, g), an MLP 4 x w (GELU) on concat(a_t, embed(t),
+    encoder(s, g)) with the flow's encoder and w set so that the policy has the flow's parameter count. Trained
+    on the linear path a_t = (1 - t) z + t a, z ~ N(0, I), t ~ U(0, 1), to predict a - z (no action noise);
+    acts with --flow-steps Euler steps from z, clipped to the box."""
+
+    def __init__(self, obs_dim: int, action_dim: int, args: Args):
+        super().__init__()
+        self.encoder = mlp([2 * obs_dim] + [512] * 4 + [args.rep_dim], nn.SiLU, layer_norm=True)
+        with torch.random.fork_rng(devices=[]):  # a flow policy of these sizes built aside, for its parameter count
+            target = sum(p.numel() for p in FlowPolicy(obs_dim, action_dim, args).parameters())
+        target, in_dim = target - sum(p.numel() for p in self.encoder.parameters()), action_dim + 32 + args.rep_dim
+        self.velocity = mlp([in_dim] + [matching_width(target, in_dim, action_dim)] * 4 + [action_dim], nn.GELU, False)
+        self.action_dim, self.steps = action_dim, args.flow_steps
+        self.sampling = f"{args.flow_steps} Euler steps"
+
+    def draw(self, actions, generator=None):
+        """The randomness of a training loss, for a whole batch: the path's start z and time t."""
+        z = torch.randn(actions.shape, generator=generator, device=actions.device)
+        return z, torch.rand(len(actions), 1, generator=generator, device=actions.device)
+
+    def loss(self, obs, goals, actions, z, t):
+        cond = self.encoder(torch.cat([obs, goals], -1))
+        velocity = self.velocity(torch.cat([(1 - t) * z + t * actions, time_embedding(t), cond], -1))
+        return (velocity - (actions - z)).square().mean(-1)
+
+    forward = loss  # what a DistributedDataParallel wrapper calls
+
+    def act(self, obs, goals, generator: torch.Generator):
+        cond = self.encoder(torch.cat([obs, goals], -1))
+        x = torch.randn(len(obs), self.action_dim, generator=generator, device=obs.device)
+        for i in range(self.steps):
+            t = torch.full((len(obs), 1), i / self.steps, device=obs.device)
+            x = x + self.velocity(torch.cat([x, time_embedding(t), cond], -1)) / self.steps
+        return x.clamp(-1, 1)
+
+
+POLICIES = {"flow": FlowPolicy, "gaussian": GaussianPolicy, "flow-matching": FlowMatchingPolicy}
 
 
 # --------------------------------------------------------------------------------------------- algorithm
 
 
-def gcbc_loss(model, obs, actions, goals, *, noise_std: float, share: slice = slice(None)) -> torch.Tensor:
-    """-log p(a + noise | s, g) over this process's share of the batch. The noise is drawn for the whole batch,
-    so the processes of a data-parallel run together see what a single process sees."""
-    noisy_actions = actions + noise_std * torch.randn_like(actions)
-    return -model(obs[share], goals[share], noisy_actions[share]).mean()
+def gcbc_loss(model, policy, obs, actions, goals, *, share: slice = slice(None)) -> torch.Tensor:
+    """The policy's loss (flow, Gaussian: -log p(a + noise | s, g); flow matching: the velocity error) over this
+    process's share of the batch. Its randomness is drawn for the whole batch, so the processes of a data-parallel
+    run together see what a single process sees."""
+    draws = policy.draw(actions)
+    return model(obs[share], goals[share], actions[share], *(d[share] for d in draws)).mean()
 
 
-def update(model, optimizer, scheduler, batch, *, noise_std: float, share: slice = slice(None)):
+def update(model, policy, optimizer, scheduler, batch, *, share: slice = slice(None)):
     """One AdamW step on a batch (obs, actions, goals); returns the loss for logging (not read here)."""
-    loss = gcbc_loss(model, *batch, noise_std=noise_std, share=share)
+    loss = gcbc_loss(model, policy, *batch, share=share)
     optimizer.zero_grad(set_to_none=True)
     loss.backward()  # under DDP this also averages the gradients of all processes
     optimizer.step()
     scheduler.step()
-    return {"nll": loss.detach()}
+    return {"loss": loss.detach()}
 
 
 def lr_factor(step: int, args: Args) -> float:
@@ -316,11 +387,12 @@ class GoalDataset:
 @torch.no_grad()
 def evaluate(policy, envs, val_batch, args: Args, device, step: int, video_dir: Optional[str]) -> Dict[str, float]:
     """Success rate per task: all `envs` (one per episode) run task k in lockstep, the policy batched; and the
-    validation NLL of one fixed batch."""
+    validation loss of one fixed batch (the NLL for the flow and the Gaussian)."""
     policy.eval()
     generator = torch.Generator(device=device).manual_seed(args.seed * 1_000_003 + step)  # not the training RNG
-    obs, actions, goals = val_batch
-    results = {"val_nll": -policy.log_prob(obs, goals, actions).mean().item()}
+    obs, actions, goals, draws = val_batch
+    results = {"val_loss": policy.loss(obs, goals, actions, *draws).mean().item()}
+    results["val_nll"] = results["val_loss"] if hasattr(policy, "log_prob") else math.nan
     num_tasks = len(envs[0].unwrapped.task_infos)
     tqdm.write(f"evaluating at step {step}: {num_tasks} tasks x {len(envs)} episodes ...")
     for task in range(1, num_tasks + 1):
@@ -337,7 +409,7 @@ def evaluate(policy, envs, val_batch, args: Args, device, step: int, video_dir: 
                 break
             o = torch.as_tensor(obs[active], dtype=torch.float32, device=device)
             g = torch.as_tensor(goals[active], dtype=torch.float32, device=device)
-            actions = policy.act(o, g, generator, args.noise_std, args.denoise).cpu().numpy()
+            actions = policy.act(o, g, generator).cpu().numpy()
             if video_dir is not None and active[0]:
                 frames.append(envs[0].render())
             for a, i in zip(actions, np.flatnonzero(active)):
@@ -652,7 +724,7 @@ def leave_together(world: int):
 
 def check_args(args: Args):
     names = ("total_steps", "batch_size", "log_interval", "eval_interval", "eval_episodes", "save_interval")
-    names += ("learning_rate", "num_blocks", "hidden_dim", "rep_dim", "eval_max_steps")
+    names += ("learning_rate", "num_blocks", "hidden_dim", "rep_dim", "eval_max_steps", "flow_steps")
     problems = common_problems(args, names)
     if not 0 < args.gamma < 1:
         problems.append("--gamma must lie in (0, 1)")
@@ -683,8 +755,7 @@ def main(args: Args):
         ogbench.make_env_and_datasets(args.env_id, env_only=True, **render) for _ in range(args.eval_episodes * is_main)
     ]
 
-    policy_class = FlowPolicy if args.policy == "flow" else GaussianPolicy
-    policy = policy_class(train.observations.shape[1], train.actions.shape[1], args).to(device)
+    policy = POLICIES[args.policy](train.observations.shape[1], train.actions.shape[1], args).to(device)
     # fused: one kernel for all parameter tensors (on CPU ~5x faster than the default per-tensor loop)
     optimizer = torch.optim.AdamW(policy.parameters(), args.learning_rate, weight_decay=args.weight_decay, fused=True)
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: lr_factor(step, args))
@@ -702,17 +773,17 @@ def main(args: Args):
         model = torch.compile(model)
 
     obs, actions, goals = val.sample(1_024, args.gamma, np.random.default_rng(0))  # one fixed validation batch
-    noise = torch.randn(actions.shape, generator=torch.Generator(device).manual_seed(0), device=device)
-    val_batch = (obs, actions + args.noise_std * noise, goals)
+    val_batch = (obs, actions, goals, policy.draw(actions, torch.Generator(device).manual_seed(0)))
     evaluate_at = functools.partial(evaluate, policy, envs, val_batch, args, device)  # (step, video_dir)
     if args.eval_only:  # no training: evaluate the checkpoint and write the result beside its run
         return evaluate_only(path, start_step, evaluate_at, args), policy
 
     run_dir = run_directory(args, path) if is_main else None
     if is_main:
-        fields = ["step", "wall_time", "val_nll"] + [f"task{t}_success" for t in range(1, num_tasks + 1)] + ["success"]
-        log = RunLog(run_dir, args, fields, start_step)
-        size = f"{sum(p.numel() for p in policy.parameters()):,} parameters, {train.size:,} transitions on {device}"
+        tasks = [f"task{t}_success" for t in range(1, num_tasks + 1)]
+        log = RunLog(run_dir, args, ["step", "wall_time", "val_loss", "val_nll", *tasks, "success"], start_step)
+        size = f"{sum(p.numel() for p in policy.parameters()):,} parameters, acts with {policy.sampling}"
+        size += f"; {train.size:,} transitions on {device}"
         where = f"resumed {run_dir} at step {start_step}" if start_step else f"writing to {run_dir}"
         print(f"{args.policy} policy, {size}" + (f" x {world} processes" if world > 1 else "") + f"; {where}")
 
@@ -724,7 +795,7 @@ def main(args: Args):
     with StopSignals() as stop:
         for step in tqdm(steps, initial=start_step, total=args.total_steps, smoothing=0.05, disable=not is_main):
             batch = train.sample(args.batch_size, args.gamma, rng)  # the global batch, the same in every process
-            logs = update(model, optimizer, scheduler, batch, noise_std=args.noise_std, share=share)
+            logs = update(model, policy, optimizer, scheduler, batch, share=share)
             first_bad = non_finite_step(first_bad, step, logs)
 
             last = step == args.total_steps

@@ -1,15 +1,17 @@
-"""Why a flow imitates multimodal demonstrations and a Gaussian does not: one picture from two nf_bc.py runs.
+"""Which modes of multimodal demonstrations each policy keeps: one picture from nf_bc.py runs of any policies.
 
-    python scripts/plot_bc_modes.py --flow runs/bc/<flow run> --gaussian runs/bc/<gaussian run> --out bc_modes.png
+    python scripts/plot_bc_modes.py --runs runs/bc/<flow run> runs/bc/<gaussian run> ... --out bc_modes.png
 
-Panels: the demonstrations on the maze; the first action each policy proposes at the start state (flow
-samples, Gaussian samples and its mean, which is what the Gaussian executes) against the demonstrators' first
-actions; and rollouts of both policies from the evaluation starts. Works for make_dataset.py's multigoal tasks.
+Panels: the demonstrations on the maze; the first action each policy proposes at the start state (samples; for
+the Gaussian also its mean, which is what it executes) against the demonstrators' first actions; and rollouts
+of each policy from the evaluation starts. Works for make_dataset.py's multigoal tasks.
 """
 
+import math
 import os
 import sys
 from dataclasses import dataclass
+from typing import Tuple
 
 import matplotlib
 
@@ -25,10 +27,8 @@ import nf_bc  # noqa: E402
 
 @dataclass
 class Args:
-    flow: str
-    """nf_bc.py run directory (or checkpoint) of a flow policy"""
-    gaussian: str
-    """nf_bc.py run directory (or checkpoint) of a Gaussian policy on the same task"""
+    runs: Tuple[str, ...]
+    """nf_bc.py run directories (or checkpoints) on the same task, one panel of rollouts each"""
     out: str = "bc_modes.png"
     """where to write the PNG"""
     samples: int = 1_000
@@ -38,13 +38,12 @@ class Args:
 
 
 def load(path: str):
-    checkpoint, _ = nf_bc.load_checkpoint(path, "--flow/--gaussian")
+    checkpoint, _ = nf_bc.load_checkpoint(path, "--runs")
     args = nf_bc.Args(**checkpoint["args"])
     train, _, envs, _, _ = nf_bc.load_task(args, num_envs=1)
     if "goal_ijs" not in train:
         raise SystemExit(f"{path}: this picture is for make_dataset.py's multigoal tasks (it draws the maze and goals)")
-    policy_class = nf_bc.FlowPolicy if args.policy == "flow" else nf_bc.GaussianPolicy
-    policy = policy_class(train["observations"].shape[1], train["actions"].shape[1], args)
+    policy = nf_bc.POLICIES[args.policy](train["observations"].shape[1], train["actions"].shape[1], args)
     policy.load_state_dict(checkpoint["policy"])
     return args, train, envs[0], policy.eval()
 
@@ -57,7 +56,7 @@ def rollout(policy, env, args, seed: int, generator):
         if t % args.exec_horizon == 0:
             obs = torch.as_tensor(history[None], dtype=torch.float32)
             with torch.no_grad():
-                chunk = policy.act(obs, generator, args.noise_std, args.denoise)[0].numpy()
+                chunk = policy.act(obs, generator)[0].numpy()
         ob, _, terminated, truncated, info = env.step(chunk[t % args.exec_horizon])
         history[:-1], history[-1] = history[1:].copy(), ob
         path.append(ob)
@@ -83,11 +82,16 @@ def draw_maze(ax, env, train):
 
 @torch.no_grad()
 def main(args: Args):
-    runs = {"flow": load(args.flow), "gaussian": load(args.gaussian)}
-    run_args, train, env, _ = runs["flow"]
+    runs = [load(path) for path in args.runs]
+    run_args, train, env, _ = runs[0]
     ends = np.flatnonzero(train["terminals"])
     starts = np.r_[0, ends[:-1] + 1]
-    fig, axes = plt.subplots(1, 4, figsize=(20, 5))
+    columns = min(4, len(runs) + 2)
+    fig, axes = plt.subplots(math.ceil((len(runs) + 2) / columns), columns, figsize=(5 * columns, 5), squeeze=False)
+    fig.set_figheight(5 * len(axes))
+    axes = axes.flatten()
+    for ax in axes[len(runs) + 2 :]:
+        ax.axis("off")
 
     axes[0].set_title(f"demonstrations ({len(ends)}; 40 drawn)")
     draw_maze(axes[0], env, train)
@@ -100,13 +104,13 @@ def main(args: Args):
     ax.scatter(*first.T, s=6, c="0.5", alpha=0.5, label="demonstrations")
     state = torch.as_tensor(np.repeat(train["observations"][starts].mean(0)[None, None], run_args.obs_horizon, 1))
     generator = torch.Generator().manual_seed(0)
-    for name, color in (("flow", "tab:blue"), ("gaussian", "tab:red")):
-        a, _, _, policy = runs[name]
+    colors = ["tab:blue", "tab:red", "tab:purple", "tab:olive", "tab:cyan", "tab:brown"]
+    for (a, _, _, policy), color in zip(runs, colors):
         obs = state.expand(args.samples, -1, -1).float()
-        if name == "flow":
+        if a.policy != "gaussian":
             with torch.no_grad():
-                sampled = policy.act(obs, generator, a.noise_std, a.denoise)[:, 0].numpy()
-            ax.scatter(*sampled.T, s=4, c=color, alpha=0.4, label="flow samples")
+                sampled = policy.act(obs, generator)[:, 0].numpy()
+            ax.scatter(*sampled.T, s=4, c=color, alpha=0.4, label=f"{a.policy} samples")
         else:
             with torch.no_grad():
                 mean = policy.net(policy.features(obs[:1])).view(policy.chunk_shape)[0]
@@ -118,8 +122,8 @@ def main(args: Args):
     ax.set_xlabel("action x"), ax.set_ylabel("action y")
     ax.legend(loc="lower left", fontsize=7)
 
-    for ax, name in zip(axes[2:], ("flow", "gaussian")):
-        a, _, _, policy = runs[name]
+    for ax, (a, _, _, policy) in zip(axes[2:], runs):
+        name = a.policy
         generator = torch.Generator().manual_seed(1)
         draw_maze(ax, env, train)
         goal_xys = np.array([env.unwrapped.ij_to_xy(tuple(g)) for g in train["goal_ijs"]])

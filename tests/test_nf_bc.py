@@ -59,8 +59,11 @@ def rows(run_dir):
         return list(csv.DictReader(f))
 
 
-@pytest.mark.parametrize("policy", ["flow", "gaussian"])
-@pytest.mark.parametrize("source", ["npz", "ogbench", "minari"])
+@pytest.mark.parametrize(
+    "source,policy",
+    [(s, p) for s in ("npz", "ogbench", "minari") for p in ("flow", "gaussian")]
+    + [("npz", "diffusion"), ("npz", "flow-matching")],
+)
 def test_each_source_trains_evaluates_and_reloads(tmp_path, npz_dir, pointmaze_dir, minari_dir, source, policy):
     run_dir, trained = run(
         source_args(source, npz_dir, pointmaze_dir) + ["--output-dir", str(tmp_path), "--policy", policy] + QUICK
@@ -68,21 +71,23 @@ def test_each_source_trains_evaluates_and_reloads(tmp_path, npz_dir, pointmaze_d
     evaluations = rows(run_dir)
     assert [int(r["step"]) for r in evaluations] == [0, 3, 6]
     defined = {
-        "npz": ["val_nll", "return", "success"],
-        "ogbench": ["val_nll", "return", "success"],
-        "minari": ["val_nll", "return", "score"],
+        "npz": ["val_loss", "val_nll", "return", "success"],
+        "ogbench": ["val_loss", "val_nll", "return", "success"],
+        "minari": ["val_loss", "val_nll", "return", "score"],
     }[source]
+    if policy in ("diffusion", "flow-matching"):  # no likelihood
+        defined.remove("val_nll")
     for row in evaluations:
-        for key in ["val_nll", "return", "success", "score"]:
+        for key in ["val_loss", "val_nll", "return", "success", "score"]:
             assert math.isfinite(float(row[key])) == (key in defined), (key, row)
     checkpoint = torch.load(f"{run_dir}/checkpoints/step_6.pt", weights_only=True)
     args = nf_bc.Args(**checkpoint["args"])
     obs_dim, action_dim = {"npz": (2, 2), "ogbench": (2, 2), "minari": (3, 1)}[source]
-    reloaded = (nf_bc.FlowPolicy if policy == "flow" else nf_bc.GaussianPolicy)(obs_dim, action_dim, args)
+    reloaded = nf_bc.POLICIES[policy](obs_dim, action_dim, args)
     reloaded.load_state_dict(checkpoint["policy"])
     obs = torch.randn(8, 2, obs_dim) * 3
     with torch.no_grad():
-        chunks = [p.act(obs, torch.Generator().manual_seed(3), 0.1, True) for p in (trained, reloaded)]
+        chunks = [p.act(obs, torch.Generator().manual_seed(3)) for p in (trained, reloaded)]
     torch.testing.assert_close(chunks[0], chunks[1], rtol=0, atol=0)
     assert chunks[0].shape == (8, 3, action_dim)
     if source == "minari":  # actions come back in the environment's units, inside its box [-2, 2]
@@ -140,7 +145,7 @@ class ChunkOfIndices(torch.nn.Module):
         super().__init__()
         self.calls, self.histories = 0, []
 
-    def act(self, obs, generator, noise_std, use_denoise):
+    def act(self, obs, generator):
         self.histories.append(obs[0, :, 0].tolist())
         chunk = self.calls + torch.tensor([0.0, 0.1, 0.2])
         self.calls += 1
@@ -157,7 +162,7 @@ def test_evaluation_executes_the_first_m_actions_of_each_chunk():
     assert stats["return"] == 5 and math.isnan(stats["success"]) and math.isnan(stats["score"])
 
 
-@pytest.mark.parametrize("policy", ["flow", "gaussian"])
+@pytest.mark.parametrize("policy", ["flow", "gaussian", "diffusion", "flow-matching"])
 def test_resumed_run_matches_an_uninterrupted_one(tmp_path, npz_dir, pointmaze_dir, policy):
     base = source_args("npz", npz_dir, pointmaze_dir) + ["--policy", policy] + QUICK
     run_dir, _ = run(base + ["--output-dir", str(tmp_path / "a")])
@@ -258,8 +263,9 @@ def test_mode_picture_is_written(tmp_path, npz_dir, pointmaze_dir):
     base = source_args("npz", npz_dir, pointmaze_dir) + ["--output-dir", str(tmp_path)] + QUICK
     flow_run, _ = run(base + ["--policy", "flow", "--exp-name", "flow"])
     gaussian_run, _ = run(base + ["--policy", "gaussian", "--exp-name", "gaussian"])
+    diffusion_run, _ = run(base + ["--policy", "diffusion", "--exp-name", "diffusion"])
     out = tmp_path / "modes.png"
-    plot.main(plot.Args(flow=flow_run, gaussian=gaussian_run, out=str(out), samples=50, rollouts=2))
+    plot.main(plot.Args(runs=(flow_run, gaussian_run, diffusion_run), out=str(out), samples=50, rollouts=2))
     assert out.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
 
 
@@ -291,16 +297,36 @@ def test_dict_observations_flatten_the_same_for_a_step_and_an_episode():
         np.testing.assert_array_equal(gymnasium.spaces.flatten(space, step), flat[t])  # gymnasium's order too
 
 
-@pytest.mark.parametrize("policy_class", [nf_bc.FlowPolicy, nf_bc.GaussianPolicy])
-def test_the_update_on_a_hand_built_batch(policy_class):
+def explicit_loss(policy, histories, chunks, draws):
+    """Each policy's loss written out from its definition (the likelihood policies without action noise)."""
+    if isinstance(policy, (nf_bc.FlowPolicy, nf_bc.GaussianPolicy)):
+        return -policy.log_prob(histories, chunks).mean()
+    a, cond = chunks.flatten(1), policy.encoder(policy.features(histories))
+    if isinstance(policy, nf_bc.FlowMatchingPolicy):
+        z, t = draws
+        target, x = a - z, (1 - t) * z + t * a
+    else:  # diffusion: x_k = sqrt(abar_k) a + sqrt(1 - abar_k) noise, predict the noise
+        noise, k = draws
+        f = [math.cos((i / 100 + 0.008) / 1.008 * math.pi / 2) ** 2 for i in range(101)]  # squared cosine
+        betas = torch.tensor([min(1 - f[i + 1] / f[i], 0.999) for i in range(100)], dtype=torch.float64)
+        abar = torch.cumprod(1 - betas, 0).float()[k]
+        target, x, t = noise, abar.sqrt() * a + (1 - abar).sqrt() * noise, k / 100
+    return (policy.net(torch.cat([x, nf_bc.time_embedding(t), cond], -1)) - target).square().mean()
+
+
+@pytest.mark.parametrize("name", ["flow", "gaussian", "diffusion", "flow-matching"])
+def test_the_update_on_a_hand_built_batch(name):
     torch.manual_seed(0)
-    args = nf_bc.Args(num_blocks=2, hidden_dim=16, rep_dim=8, obs_horizon=2, action_horizon=3)
-    policy = policy_class(3, 2, args)
+    args = nf_bc.Args(num_blocks=2, hidden_dim=16, rep_dim=8, obs_horizon=2, action_horizon=3, noise_std=0.0)
+    policy = nf_bc.POLICIES[name](3, 2, args)
     histories, chunks = torch.randn(5, 2, 3), torch.rand(5, 3, 2) * 2 - 1
-    expected = -policy.log_prob(histories, chunks).mean()
-    torch.testing.assert_close(nf_bc.bc_loss(policy, histories, chunks, noise_std=0.0), expected)
-    optimizer = torch.optim.AdamW(policy.parameters(), lr=1e-3)
+    draws = policy.draw(chunks, torch.Generator().manual_seed(1))
+    expected = explicit_loss(policy, histories, chunks, draws)
+    torch.manual_seed(1)  # the training loss draws from the global generator
+    torch.testing.assert_close(nf_bc.bc_loss(policy, policy, histories, chunks), expected)
+    optimizer = torch.optim.AdamW([p for p in policy.parameters() if p.requires_grad], lr=1e-3)
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: 1.0)
-    logs = nf_bc.update(policy, optimizer, scheduler, (histories, chunks), noise_std=0.0)
-    torch.testing.assert_close(logs["nll"], expected.detach())
-    assert -policy.log_prob(histories, chunks).mean() < expected  # one step on the batch lowers its NLL
+    torch.manual_seed(1)
+    logs = nf_bc.update(policy, policy, optimizer, scheduler, (histories, chunks))
+    torch.testing.assert_close(logs["loss"], expected.detach())
+    assert explicit_loss(policy, histories, chunks, draws) < expected  # one step on the batch lowers its loss

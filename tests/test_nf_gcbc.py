@@ -29,7 +29,7 @@ def params(path):
     return torch.load(path, weights_only=True)["policy"]
 
 
-@pytest.mark.parametrize("policy", ["flow", "gaussian"])
+@pytest.mark.parametrize("policy", ["flow", "gaussian", "flow-matching"])
 def test_run_writes_evaluations_and_checkpoints_that_reload(tmp_path, pointmaze_dir, policy):
     run_dir, trained = run(
         ["--env-id", ENV, "--dataset-dir", pointmaze_dir, "--output-dir", str(tmp_path), "--policy", policy] + QUICK
@@ -38,20 +38,21 @@ def test_run_writes_evaluations_and_checkpoints_that_reload(tmp_path, pointmaze_
         rows = list(csv.DictReader(f))
     assert [int(r["step"]) for r in rows] == [0, 3, 6]
     for row in rows:
-        for key in [f"task{t}_success" for t in range(1, 6)] + ["success", "val_nll"]:
+        for key in [f"task{t}_success" for t in range(1, 6)] + ["success", "val_loss"]:
             assert math.isfinite(float(row[key])), key
+        assert math.isfinite(float(row["val_nll"])) == (policy != "flow-matching")  # no likelihood
     checkpoint = torch.load(f"{run_dir}/checkpoints/step_6.pt", weights_only=True)
     args = nf_gcbc.Args(**checkpoint["args"])
-    reloaded = (nf_gcbc.FlowPolicy if policy == "flow" else nf_gcbc.GaussianPolicy)(2, 2, args)
+    reloaded = nf_gcbc.POLICIES[policy](2, 2, args)
     reloaded.load_state_dict(checkpoint["policy"])
     obs, goals = torch.randn(8, 2) * 5, torch.randn(8, 2) * 5
     with torch.no_grad():
-        acts = [p.act(obs, goals, torch.Generator().manual_seed(3), 0.1, True) for p in (trained, reloaded)]
+        acts = [p.act(obs, goals, torch.Generator().manual_seed(3)) for p in (trained, reloaded)]
     torch.testing.assert_close(acts[0], acts[1], rtol=0, atol=0)
     assert (tmp_path / run_dir.split("/")[-1] / "args.json").exists()
 
 
-@pytest.mark.parametrize("policy", ["flow", "gaussian"])
+@pytest.mark.parametrize("policy", ["flow", "gaussian", "flow-matching"])
 def test_resumed_run_matches_an_uninterrupted_one(tmp_path, pointmaze_dir, policy):
     run_dir, _ = run(
         ["--env-id", ENV, "--dataset-dir", pointmaze_dir, "--output-dir", str(tmp_path / "a"), "--policy", policy]
@@ -170,20 +171,33 @@ def test_non_finite_loss_stops_before_a_checkpoint_is_written(tmp_path, pointmaz
     assert not list(tmp_path.glob("*/checkpoints/*.pt"))
 
 
-@pytest.mark.parametrize("policy_class", [nf_gcbc.FlowPolicy, nf_gcbc.GaussianPolicy])
-def test_the_update_on_a_hand_built_batch(policy_class):
+def explicit_loss(policy, obs, goals, actions, draws, rows=slice(None)):
+    """Each policy's loss written out from its definition (the likelihood policies without action noise)."""
+    obs, goals, actions, draws = obs[rows], goals[rows], actions[rows], [d[rows] for d in draws]
+    if not isinstance(policy, nf_gcbc.FlowMatchingPolicy):
+        return -policy.log_prob(obs, goals, actions).mean()
+    (z, t), cond = draws, policy.encoder(torch.cat([obs, goals], -1))
+    x = (1 - t) * z + t * actions  # the linear path; its velocity is actions - z
+    return (policy.velocity(torch.cat([x, nf_gcbc.time_embedding(t), cond], -1)) - (actions - z)).square().mean()
+
+
+@pytest.mark.parametrize("name", ["flow", "gaussian", "flow-matching"])
+def test_the_update_on_a_hand_built_batch(name):
     torch.manual_seed(0)
-    policy = policy_class(3, 2, nf_gcbc.Args(num_blocks=2, hidden_dim=16, rep_dim=8))
+    policy = nf_gcbc.POLICIES[name](3, 2, nf_gcbc.Args(num_blocks=2, hidden_dim=16, rep_dim=8, noise_std=0.0))
     obs, goals, actions = torch.randn(5, 3), torch.randn(5, 3), torch.rand(5, 2) * 2 - 1
-    expected = -policy.log_prob(obs, goals, actions).mean()
-    loss = nf_gcbc.gcbc_loss(policy, obs, actions, goals, noise_std=0.0)  # no noise: the NLL of the batch itself
-    torch.testing.assert_close(loss, expected)
-    half = nf_gcbc.gcbc_loss(policy, obs, actions, goals, noise_std=0.0, share=slice(0, 2))  # a process's rows
-    torch.testing.assert_close(half, -policy.log_prob(obs[:2], goals[:2], actions[:2]).mean())
+    draws = policy.draw(actions, torch.Generator().manual_seed(1))
+    expected = explicit_loss(policy, obs, goals, actions, draws)
+    torch.manual_seed(1)  # the training loss draws from the global generator
+    torch.testing.assert_close(nf_gcbc.gcbc_loss(policy, policy, obs, actions, goals), expected)
+    torch.manual_seed(1)  # a process's rows, with the randomness drawn for the whole batch
+    half = nf_gcbc.gcbc_loss(policy, policy, obs, actions, goals, share=slice(0, 2))
+    torch.testing.assert_close(half, explicit_loss(policy, obs, goals, actions, draws, slice(0, 2)))
     optimizer = torch.optim.AdamW(policy.parameters(), lr=1e-3)
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: 1.0)
     before = [p.detach().clone() for p in policy.parameters()]
-    logs = nf_gcbc.update(policy, optimizer, scheduler, (obs, actions, goals), noise_std=0.0)
-    torch.testing.assert_close(logs["nll"], expected.detach())
-    assert not logs["nll"].requires_grad and any(not torch.equal(a, b) for a, b in zip(before, policy.parameters()))
-    assert -policy.log_prob(obs, goals, actions).mean() < expected  # one step on the batch lowers its NLL
+    torch.manual_seed(1)
+    logs = nf_gcbc.update(policy, policy, optimizer, scheduler, (obs, actions, goals))
+    torch.testing.assert_close(logs["loss"], expected.detach())
+    assert not logs["loss"].requires_grad and any(not torch.equal(a, b) for a, b in zip(before, policy.parameters()))
+    assert explicit_loss(policy, obs, goals, actions, draws) < expected  # one step on the batch lowers its loss
