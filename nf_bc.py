@@ -245,13 +245,15 @@ class GaussianPolicy(Policy):
         return self.to_env_units(self.net(self.features(obs)).view(len(obs), *self.chunk_shape))  # the mean
 
 
-class IterativePolicy(Policy):
-    """The network of the diffusion and flow-matching policies: an MLP 4 x w (GELU) on concat(x_t, embed(t),
-    encoder(history)), with the flow's encoder and w set so that the policy has the flow's parameter count
-    (not Diffusion Policy's 1-D convolutional U-Net)."""
+class FlowMatchingPolicy(Policy):
+    """Flow matching as FQL's BC flow: a velocity field, an MLP 4 x w (GELU) on concat(x_t, embed(t),
+    encoder(history)) with the flow's encoder and w set so that the policy has the flow's parameter count; trained
+    on the linear path x_t = (1 - t) z + t a, z ~ N(0, I), t ~ U(0, 1), to predict the velocity a - z (no action
+    noise); acts with --flow-steps Euler steps from z. The diffusion policy uses the same network."""
 
     def __init__(self, obs_dim: int, action_dim: int, args: Args):
         super().__init__(obs_dim, action_dim, args)
+        self.steps, self.sampling = args.flow_steps, f"{args.flow_steps} Euler steps"
         self.encoder = mlp([args.obs_horizon * obs_dim] + [512] * 4 + [args.rep_dim], nn.SiLU, layer_norm=True)
         with torch.random.fork_rng(devices=[]):  # a flow policy of these sizes built aside, for its parameter count
             target = sum(p.numel() for p in FlowPolicy(obs_dim, action_dim, args).parameters())
@@ -261,15 +263,6 @@ class IterativePolicy(Policy):
 
     def predict(self, x, t, cond, net=None):
         return (net or self.net)(torch.cat([x, time_embedding(t), cond], -1))
-
-
-class FlowMatchingPolicy(IterativePolicy):
-    """Flow matching as FQL's BC flow: trained on the linear path x_t = (1 - t) z + t a, z ~ N(0, I),
-    t ~ U(0, 1), to predict the velocity a - z (no action noise); acts with --flow-steps Euler steps from z."""
-
-    def __init__(self, obs_dim: int, action_dim: int, args: Args):
-        super().__init__(obs_dim, action_dim, args)
-        self.steps, self.sampling = args.flow_steps, f"{args.flow_steps} Euler steps"
 
     def draw(self, actions, generator=None):
         """The randomness of a training loss, for a whole batch: the path's start z and time t."""
@@ -288,11 +281,12 @@ class FlowMatchingPolicy(IterativePolicy):
         return self.to_env_units(x.view(len(obs), *self.chunk_shape))
 
 
-class DiffusionPolicy(IterativePolicy):
-    """Diffusion Policy's recipe: epsilon prediction over 100 timesteps of the squared-cosine schedule; acts by
-    DDIM with --diffusion-steps steps (100: DDPM's ancestral sampler, which is DDIM with eta 1 on every step),
-    predicted chunks clipped to [-1, 1], from an EMA of the weights (decay 1 - (1 + n)^-0.75 after n updates,
-    at most 0.9999, as Diffusion Policy's EMAModel)."""
+class DiffusionPolicy(FlowMatchingPolicy):
+    """Diffusion Policy's recipe on the flow-matching policy's network (not Diffusion Policy's 1-D convolutional
+    U-Net): epsilon prediction over 100 timesteps of the squared-cosine schedule; acts by DDIM with
+    --diffusion-steps steps (100: DDPM's ancestral sampler, which is DDIM with eta 1 on every step), predicted
+    chunks clipped to [-1, 1], from an EMA of the weights (decay 1 - (1 + n)^-0.75 after n updates, at most
+    0.9999, as Diffusion Policy's EMAModel)."""
 
     def __init__(self, obs_dim: int, action_dim: int, args: Args):
         super().__init__(obs_dim, action_dim, args)
@@ -335,7 +329,7 @@ class DiffusionPolicy(IterativePolicy):
         return self.to_env_units(x.view(len(obs), *self.chunk_shape))
 
 
-POLICIES = {"flow": FlowPolicy, "gaussian": GaussianPolicy, "diffusion": DiffusionPolicy}
+POLICIES = dict(flow=FlowPolicy, gaussian=GaussianPolicy, diffusion=DiffusionPolicy)
 POLICIES["flow-matching"] = FlowMatchingPolicy
 
 

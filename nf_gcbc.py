@@ -135,9 +135,9 @@ def mlp(sizes, activation, layer_norm: bool) -> nn.Sequential:
 
 
 def time_embedding(t: torch.Tensor, dim: int = 32) -> torch.Tensor:
-    """Sinusoidal embedding of times t in [0, 1]: [B, 1] -> [B, dim]."""
+    """Sinusoidal embedding of times t in [0, 1] (100 t: the diffusion timestep): [B, 1] -> [B, dim]."""
     freqs = torch.exp(torch.arange(dim // 2, device=t.device) * (-math.log(1000.0) / (dim // 2 - 1)))
-    return torch.cat([(1000.0 * t * freqs).sin(), (1000.0 * t * freqs).cos()], -1)
+    return torch.cat([(100.0 * t * freqs).sin(), (100.0 * t * freqs).cos()], -1)
 
 
 def matching_width(target: int, in_dim: int, out_dim: int) -> int:

@@ -7,8 +7,9 @@ Each version is checked out with `git worktree` (`--after .`, the default, is th
 versions train on the same tiny datasets (made once, here) with tiny networks for a few hundred steps, with
 evaluations and checkpoints on the way, one CPU thread per run. Then every checkpoint is compared tensor by
 tensor (networks, optimisers, RNG states, replay buffers) and every eval.csv value by value, the step columns
-and wall time aside (columns that only the second version writes are new and not compared); a step column may change meaning (nf_rlbc's `step` counts offline and online steps together
-since the two phases became one loop), which the checkpoints' file names, one per global step, still pin down.
+and wall time aside, as are columns that only the second version writes (they have nothing to be compared
+with). A step column may change meaning (nf_rlbc's `step` counts offline and online steps together since the
+two phases became one loop), which the checkpoints' file names, one per global step, still pin down.
 Prints one line per run and exits 1 when anything differs (`--atol` allows a float tolerance).
 """
 
@@ -53,6 +54,9 @@ RUNS = {  # name: (script, arguments)
     "gcbc_gaussian": ("nf_gcbc.py", GCBC + TINY + EVAL + ["--policy", "gaussian"]),
     "bc_flow": ("nf_bc.py", BC + TINY + EVAL),
     "bc_gaussian": ("nf_bc.py", BC + TINY + EVAL + ["--policy", "gaussian"]),
+    "gcbc_flow_matching": ("nf_gcbc.py", GCBC + TINY + EVAL + ["--policy", "flow-matching"]),
+    "bc_diffusion": ("nf_bc.py", BC + TINY + EVAL + ["--policy", "diffusion"]),
+    "bc_flow_matching": ("nf_bc.py", BC + TINY + EVAL + ["--policy", "flow-matching"]),
     "bc_ogbench_flow": ("nf_bc.py", ["--source", "ogbench"] + RLBC[:2] + BC[2:] + TINY + EVAL),
     "rlbc_flow": ("nf_rlbc.py", RLBC + TINY + EVAL),
     "rlbc_gaussian": ("nf_rlbc.py", RLBC + TINY + EVAL + ["--policy", "gaussian"]),

@@ -302,7 +302,7 @@ def explicit_loss(policy, histories, chunks, draws):
     if isinstance(policy, (nf_bc.FlowPolicy, nf_bc.GaussianPolicy)):
         return -policy.log_prob(histories, chunks).mean()
     a, cond = chunks.flatten(1), policy.encoder(policy.features(histories))
-    if isinstance(policy, nf_bc.FlowMatchingPolicy):
+    if not isinstance(policy, nf_bc.DiffusionPolicy):  # flow matching: the linear path's velocity
         z, t = draws
         target, x = a - z, (1 - t) * z + t * a
     else:  # diffusion: x_k = sqrt(abar_k) a + sqrt(1 - abar_k) noise, predict the noise

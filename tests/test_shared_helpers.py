@@ -14,7 +14,9 @@ SHARED = {
     ],
     ("nf_gcbc.py", "nf_bc.py", "nf_rlbc.py"): ["load_ogbench", "did_you_mean"],
     ("nf_bc.py", "nf_rlbc.py"): ["flatten_observation", "load_minari", "scale_actions"],
-    ("nf_gcbc.py", "nf_bc.py"): ["init_distributed", "agree", "leave_together", "lr_factor"],
+    ("nf_gcbc.py", "nf_bc.py"): [
+        "init_distributed", "agree", "leave_together", "lr_factor", "time_embedding", "matching_width",
+    ],
 }  # fmt: skip
 
 
