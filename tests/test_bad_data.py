@@ -92,6 +92,8 @@ def test_a_task_number_the_environment_does_not_have(tmp_path, pointmaze_dir):
         (nf_gcbc, ["--num-blocks", "0", "--eval-max-steps", "-3"], "--num-blocks must be positive; --eval-max-steps"),
         (nf_rlbc, ["--env-id", "pointmaze-medium-navigate-singletask-task1-v0", "--critic-dim", "0"], "--critic-dim"),
         (nf_gcbc, ["--batch-size", "100000"], r"--batch-size 100000 is larger than the \d+ training transitions"),
+        (nf_gcbc, ["--policy", "flow-matching", "--flow-steps", "0"], "--flow-steps must be positive"),
+        (nf_bc, ["--policy", "diffusion", "--diffusion-steps", "101"], "--diffusion-steps cannot exceed"),
     ],
 )  # fmt: skip
 def test_impossible_arguments_are_one_line(tmp_path, pointmaze_dir, script, argv, message):
