@@ -4,8 +4,8 @@
 
 Groups run directories by (env_id, exp_name, policy) from their args.json (nf_goal_explore.py runs by their
 goal strategy) and prints a Markdown table of overall success at every evaluation: by gradient step, online
-environment step or both, whichever the runs log. Where the runs log them it adds the validation NLL
-(BC scripts) and the coverage (exploration), as the mean and each seed's value, the mean success on each
+environment step or both, whichever the runs log. Where the runs log them it adds the validation NLL and
+each policy's own validation loss (BC scripts) and the coverage (exploration), as the mean and each seed's value, the mean success on each
 evaluation task (goal-conditioned scripts), and always the mean wall time.
 """
 
@@ -35,7 +35,8 @@ def main(root: str):
         raise SystemExit(f"no runs with args.json and eval.csv under {root}")
     columns = {c for runs in groups.values() for rows in runs for c in rows[0]}
     at_keys = [k for k in ("step", "env_steps") if k in columns]  # where an evaluation sits
-    extras = [(k, name) for k, name in (("val_nll", "val NLL"), ("coverage", "coverage")) if k in columns]
+    named = (("val_nll", "val NLL"), ("val_loss", "val loss"), ("coverage", "coverage"))
+    extras = [(k, name) for k, name in named if k in columns]
     tasks = sorted(
         (c for c in columns if re.fullmatch(r"task\d+(_success)?", c)), key=lambda c: int(re.findall(r"\d+", c)[0])
     )

@@ -101,3 +101,19 @@ def test_diffusion_ema_follows_its_decay_schedule():
         for e, got in zip(expected, ema()):
             torch.testing.assert_close(got, e)
     assert not any(p.requires_grad for p in policy.ema.parameters())
+
+
+@pytest.mark.parametrize("script", ["nf_gcbc", "nf_bc"])
+def test_the_speed_benchmark_times_the_scripts_own_policies(script, capsys):
+    import importlib.util
+    import pathlib
+
+    path = pathlib.Path(nf_bc.__file__).parent / "benchmarks" / "policy_speed.py"
+    spec = importlib.util.spec_from_file_location("policy_speed", path)
+    bench = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(bench)
+    args = bench.Args(script=script, num_blocks=2, hidden_dim=16, rep_dim=8, batch_size=8, rounds=1, min_time=0)
+    bench.main(args)
+    rows = [line.split(" | ")[0][2:] for line in capsys.readouterr().out.splitlines() if line.startswith("| ")]
+    expected = ["flow+denoise", "flow", "gaussian"] + (["ddim-10", "ddpm-100"] if script == "nf_bc" else []) + ["fm-10"]
+    assert rows[1:] == expected  # after the header
