@@ -5,7 +5,9 @@ Q(s, a) by TD with a Polyak-averaged target and target actions sampled from the 
 flow a = f(z; s), z ~ N(0, I), trained through its reparameterised samples to maximise min_i Q(s, a) while an
 exact behaviour-cloning term alpha * NLL(a_data | s) keeps it near the data (plus an optional entropy term
 with the flow's exact log-density). `--policy gaussian` is the same recipe with a Gaussian actor (state-
-dependent mean and std, its own exact NLL), so the comparison changes one thing only.
+dependent mean and std, its own exact NLL), so the comparison changes one thing only. `--policy fql` swaps in
+flow Q-learning's actor (a flow-matching BC policy and a one-step policy distilled from it that climbs Q) with
+the same critics, target and batches.
 
     python make_dataset.py cube-single-play-v0 --num-transitions 100_000 --dataset-dir data
     python nf_rlbc.py --env-id cube-single-play-singletask-task1-v0 --dataset-dir data --online-steps 100_000
@@ -85,8 +87,8 @@ class Args:
     """OGBench data missing and not downloadable: make it with the make_dataset.py beside this script (minutes)"""
 
     # agent
-    policy: Literal["flow", "gaussian"] = "flow"
-    """the actor: the paper's flow or a Gaussian with the same encoder"""
+    policy: Literal["flow", "gaussian", "fql"] = "flow"
+    """the actor: the paper's flow, a Gaussian with the same encoder, or flow Q-learning's one-step policy (FQL)"""
     num_blocks: int = 6
     """flow blocks"""
     hidden_dim: int = 256
@@ -94,11 +96,16 @@ class Args:
     rep_dim: int = 64
     """size of the state encoding that conditions the actor"""
     encoder_dim: int = 512
-    """width of the actor's 4-layer state encoder (paper: 512)"""
+    """width of the actor's 4-layer state encoder (paper: 512); FQL: of its two 4-layer MLPs (FQL: 512)"""
     critic_dim: int = 512
     """width of each of the two 4-layer critics (paper: 512)"""
     alpha: float = 10.0
-    """weight of the behaviour-cloning NLL in the actor loss (paper: 10 on cube/scene/puzzle, 1 on mazes)"""
+    """weight of the behaviour-cloning NLL in the actor loss (paper: 10 on cube/scene/puzzle, 1 on mazes); FQL: of
+    its distillation loss (FQL's code: 300 on cube and scene, 1000 on puzzle, 10 on the ant mazes)"""
+    flow_steps: int = 10
+    """FQL: Euler steps of the BC flow whose actions the one-step policy distils"""
+    normalize_q_loss: bool = False
+    """FQL: divide its Q loss by the batch's mean |Q| (no gradient), so alpha does not depend on the Q scale"""
     entropy_weight: float = 0.0
     """weight of the actor's log-density of its own samples in the actor loss (an entropy bonus; paper: 0)"""
     discount: float = 0.995
@@ -119,8 +126,9 @@ class Args:
     # online fine-tuning (after the offline steps)
     online_steps: int = 0
     """environment steps of online MaxEnt fine-tuning after the offline phase, one update per step (0: none)"""
-    online_bc: Literal["anneal", "keep", "off"] = "anneal"
-    """the BC term online (on the dataset's rows of each batch): alpha decayed linearly to 0, kept, or dropped"""
+    online_bc: Optional[Literal["anneal", "keep", "off"]] = None
+    """the BC term online (flow, Gaussian: on the dataset's rows of each batch): alpha decayed linearly to 0, kept,
+    or dropped (default: anneal; FQL: keep, as in its offline-to-online runs)"""
     online_ratio: float = 0.5
     """online: the share of each batch drawn from the online transitions (RLPD's symmetric sampling; the offline
     data would otherwise swamp them); 0: uniform over everything stored"""
@@ -168,12 +176,15 @@ class Critic(nn.Module):
 
 
 class Actor(nn.Module):
-    """What both actors share: a state encoder (4 x encoder_dim, SiLU, LayerNorm) and the action box as buffers.
-    The actors work in [-1, 1]; act() returns actions in the environment's units."""
+    """What the three actors share: the action box as buffers (the actors work in [-1, 1]; act() returns actions in
+    the environment's units) and the verbs the update and the evaluation call: `sample` (actions for the TD target
+    and the online phase, with their log-density), `loss` (the actor's loss on a batch, given the critic) and
+    `act` (evaluation). Here the SAC+BC loss of the actors with an exact log-density (flow, Gaussian)."""
 
-    def __init__(self, obs_dim: int, action_dim: int, args: Args):
+    exact_density = True  # the MaxEnt terms (entropy bonus, online temperature) need the log-density of samples
+
+    def __init__(self, action_dim: int):
         super().__init__()
-        self.encoder = mlp([obs_dim] + [args.encoder_dim] * 4 + [args.rep_dim], nn.SiLU, layer_norm=True)
         self.register_buffer("action_low", -torch.ones(action_dim))
         self.register_buffer("action_high", torch.ones(action_dim))
 
@@ -185,12 +196,24 @@ class Actor(nn.Module):
     def to_env_units(self, actions):
         return self.action_low + (actions.clamp(-1, 1) + 1) / 2 * (self.action_high - self.action_low)
 
+    def loss(self, batch, critic, *, bc_weight: float, entropy_weight):
+        """-min_i Q(s, a ~ pi) through reparameterised samples + bc_weight * NLL of the dataset's actions (on the
+        dataset's rows only: online rows are the agent's own actions) + entropy_weight * log pi(a | s)."""
+        actions, log_prob, data_log_prob = self.sample_and_score(batch["observations"], batch["actions"])
+        q_pi = critic(batch["observations"], actions.clamp(-1, 1)).min(0).values
+        offline = batch["offline"]
+        bc_nll = -(data_log_prob * offline).sum() / offline.sum().clamp(min=1)
+        loss = -q_pi.mean() + bc_weight * bc_nll + entropy_weight * log_prob.mean()
+        return loss, dict(bc_nll=bc_nll, q_pi=q_pi.mean(), log_prob=log_prob.mean())
+
 
 class FlowActor(Actor):
-    """a = f(z; s), z ~ N(0, I): reparameterised samples with their exact log-density, and exact NLL of data."""
+    """a = f(z; s), z ~ N(0, I), the flow conditioned on a state encoder (4 x encoder_dim, SiLU, LayerNorm):
+    reparameterised samples with their exact log-density, and exact NLL of data."""
 
     def __init__(self, obs_dim: int, action_dim: int, args: Args):
-        super().__init__(obs_dim, action_dim, args)
+        super().__init__(action_dim)
+        self.encoder = mlp([obs_dim] + [args.encoder_dim] * 4 + [args.rep_dim], nn.SiLU, layer_norm=True)
         self.flow = ConditionalFlow(action_dim, args.rep_dim, args.num_blocks, args.hidden_dim)
 
     def sample(self, obs):
@@ -208,11 +231,12 @@ class FlowActor(Actor):
 
 
 class GaussianActor(Actor):
-    """The same encoder, then a linear head to a mean and a state-dependent log-std (clamped to [-5, 2]);
-    evaluated at its mean."""
+    """The flow actor's state encoder, then a linear head to a mean and a state-dependent log-std (clamped to
+    [-5, 2]); evaluated at its mean."""
 
     def __init__(self, obs_dim: int, action_dim: int, args: Args):
-        super().__init__(obs_dim, action_dim, args)
+        super().__init__(action_dim)
+        self.encoder = mlp([obs_dim] + [args.encoder_dim] * 4 + [args.rep_dim], nn.SiLU, layer_norm=True)
         self.head = nn.Linear(args.rep_dim, 2 * action_dim)
 
     def distribution(self, obs):
@@ -231,6 +255,58 @@ class GaussianActor(Actor):
 
     def act(self, obs, generator: torch.Generator):
         return self.to_env_units(self.distribution(obs).mean)
+
+
+class FQLActor(Actor):
+    """Flow Q-learning (Park, Li & Levine, 2025) as its public code defines it: a BC flow, the velocity field
+    v(s, a_t, t) of flow matching on the data's actions, and a one-step policy mu(s, z), both MLPs 4 x encoder_dim
+    (GELU, no LayerNorm). mu stays near the BC flow's --flow-steps Euler solution from the same z (alpha times the
+    squared distance) while it climbs the critics' mean Q; mu alone acts and gives the TD target's actions. It has
+    no log-density, so no MaxEnt terms: online it goes on with the same losses on the growing buffer."""
+
+    exact_density = False
+
+    def __init__(self, obs_dim: int, action_dim: int, args: Args):
+        super().__init__(action_dim)
+        self.velocity = mlp([obs_dim + action_dim + 1] + [args.encoder_dim] * 4 + [action_dim], nn.GELU, False)
+        self.one_step = mlp([obs_dim + action_dim] + [args.encoder_dim] * 4 + [action_dim], nn.GELU, False)
+        self.action_dim, self.flow_steps, self.normalize_q_loss = action_dim, args.flow_steps, args.normalize_q_loss
+
+    def sample(self, obs, z=None):
+        z = torch.randn(len(obs), self.action_dim, device=obs.device) if z is None else z
+        return self.one_step(torch.cat([obs, z], -1)).clamp(-1, 1), torch.zeros(len(obs), device=obs.device)
+
+    @torch.no_grad()
+    def bc_flow_actions(self, obs, z):
+        """The BC flow's Euler solution from z, clipped to the box: the one-step policy's target."""
+        for i in range(self.flow_steps):
+            t = torch.full((len(obs), 1), i / self.flow_steps, device=obs.device)
+            z = z + self.velocity(torch.cat([obs, z, t], -1)) / self.flow_steps
+        return z.clamp(-1, 1)
+
+    def loss(self, batch, critic, *, bc_weight: float, entropy_weight=0.0):
+        """BC flow matching + bc_weight (alpha) * distillation - the critics' mean Q (optionally divided by its
+        batch mean |Q|, without gradient: FQL's --normalize-q-loss)."""
+        obs, actions = batch["observations"], batch["actions"]
+        # BC flow: the velocity of a_t = (1 - t) x0 + t a, on every row of the batch (FQL clones its whole buffer)
+        x0, t = torch.randn_like(actions), torch.rand(len(actions), 1, device=actions.device)
+        velocity = self.velocity(torch.cat([obs, (1 - t) * x0 + t * actions, t], -1))
+        bc_flow_loss = (velocity - (actions - x0)).square().mean()
+        # one-step policy: the BC flow's action from the same z, and a high Q
+        z = torch.randn_like(actions)
+        pi = self.one_step(torch.cat([obs, z], -1))
+        distill_loss = (pi - self.bc_flow_actions(obs, z)).square().mean()
+        q = critic(obs, pi.clamp(-1, 1)).mean(0)
+        q_loss = -q.mean() / (q.abs().mean().detach() if self.normalize_q_loss else 1.0)
+        loss = bc_flow_loss + bc_weight * distill_loss + q_loss
+        return loss, dict(bc_flow_loss=bc_flow_loss, distill_loss=distill_loss, q_pi=q.mean())
+
+    def act(self, obs, generator: torch.Generator):
+        z = torch.randn(len(obs), self.action_dim, generator=generator, device=obs.device)
+        return self.to_env_units(self.one_step(torch.cat([obs, z], -1)))
+
+
+ACTORS = {"flow": FlowActor, "gaussian": GaussianActor, "fql": FQLActor}
 
 
 # --------------------------------------------------------------------------------------------- algorithm
@@ -262,10 +338,12 @@ def update(
     tau: float,
     q_agg: str,
 ):
-    """One SAC+BC step on a batch: critic, actor, (online) temperature, target critic. Offline the TD target is
-    the paper's (no entropy) and the actor's entropy term has `entropy_weight`; online both use the tuned
-    temperature. Returns the logged values as tensors (not read here, so no host sync)."""
-    temperature = log_temperature.detach().exp() if online else 0.0
+    """One step on a batch: critic, actor, (online, actors with a log-density) temperature, target critic.
+    Offline the TD target is the paper's (no entropy) and the actor's entropy term has `entropy_weight`; online
+    both use the tuned temperature (the MaxEnt phase), except for FQL, which has no log-density. Returns the
+    logged values as tensors (not read here, so no host sync)."""
+    maxent = online and actor.exact_density
+    temperature = log_temperature.detach().exp() if maxent else 0.0
     # critic: TD toward the target critic's value of the actor's next action
     q = critic(batch["observations"], batch["actions"])
     td_error = q - td_target(actor, target_critic, batch, discount=discount, q_agg=q_agg, temperature=temperature)
@@ -274,21 +352,19 @@ def update(
     critic_loss.backward()
     optimizers["critic"].step()
 
-    # actor: climb min_i Q through reparameterised samples, clone the dataset's actions, (optionally) add entropy
-    actions, log_prob, data_log_prob = actor.sample_and_score(batch["observations"], batch["actions"])
-    critic.requires_grad_(False)  # the actor's gradient flows through the critic, not into its weights
-    q_pi = critic(batch["observations"], actions.clamp(-1, 1)).min(0).values
+    # actor: its own loss (SAC+BC or FQL's), its gradient through the critic but not into the critic's weights
+    critic.requires_grad_(False)
+    actor_loss, logs = actor.loss(
+        batch, critic, bc_weight=bc_weight, entropy_weight=temperature if maxent else entropy_weight
+    )
     critic.requires_grad_(True)
-    offline = batch["offline"]  # BC on the dataset's rows only: online rows are the agent's own actions
-    bc_nll = -(data_log_prob * offline).sum() / offline.sum().clamp(min=1)
-    actor_loss = -q_pi.mean() + bc_weight * bc_nll + (temperature if online else entropy_weight) * log_prob.mean()
     optimizers["actor"].zero_grad(set_to_none=True)
     actor_loss.backward()
     optimizers["actor"].step()
 
-    # temperature (online): toward the target entropy, on the log-density of the batch the actor just trained on
-    if online:
-        temperature_loss = -log_temperature * (log_prob.detach().mean() + target_entropy)
+    # temperature (MaxEnt phase): toward the target entropy, on the log-density of the batch the actor trained on
+    if maxent:
+        temperature_loss = -log_temperature * (logs["log_prob"].detach() + target_entropy)
         optimizers["temperature"].zero_grad(set_to_none=True)
         temperature_loss.backward()
         optimizers["temperature"].step()
@@ -296,8 +372,8 @@ def update(
     # target critic: Polyak averaging
     with torch.no_grad():
         torch._foreach_lerp_(list(target_critic.parameters()), list(critic.parameters()), tau)
-    logs = dict(critic_loss=critic_loss, actor_loss=actor_loss, bc_nll=bc_nll, q_mean=q.mean(), q_pi=q_pi.mean())
-    return {k: v.detach() for k, v in logs.items()} | {"log_prob": log_prob.detach().mean()}
+    logs = dict(critic_loss=critic_loss, actor_loss=actor_loss, q_mean=q.mean()) | logs
+    return {k: v.detach() for k, v in logs.items()}
 
 
 def bc_weight_at(step: int, args: Args) -> float:
@@ -305,7 +381,8 @@ def bc_weight_at(step: int, args: Args) -> float:
     if step <= args.total_steps:
         return args.alpha
     progress = (step - args.total_steps) / args.online_steps
-    return {"anneal": args.alpha * (1 - progress), "keep": args.alpha, "off": 0.0}[args.online_bc]
+    mode = args.online_bc or ("keep" if args.policy == "fql" else "anneal")
+    return {"anneal": args.alpha * (1 - progress), "keep": args.alpha, "off": 0.0}[mode]
 
 
 # -------------------------------------------------------------------------------------------------- data
@@ -877,6 +954,7 @@ def common_problems(args, positive) -> List[str]:
 def check_args(args: Args):
     names = ("total_steps", "batch_size", "log_interval", "eval_interval", "eval_episodes", "save_interval")
     names += ("learning_rate", "num_blocks", "hidden_dim", "rep_dim", "encoder_dim", "critic_dim", "eval_max_steps")
+    names += ("flow_steps",)
     problems = common_problems(args, names)
     if not 0 <= args.discount < 1:
         problems.append("--discount must lie in [0, 1)")
@@ -888,6 +966,11 @@ def check_args(args: Args):
         problems.append("--online-steps must be >= 0 and --initial-temperature > 0")
     if not 0 <= args.online_ratio <= 1:
         problems.append("--online-ratio must lie in [0, 1]")
+    if args.policy == "fql" and (args.entropy_weight > 0 or args.target_entropy is not None):
+        problems.append(
+            "--policy fql has no log-density, so no entropy term or temperature: drop --entropy-weight and "
+            "--target-entropy (online, FQL goes on with its own losses; MaxEnt fine-tuning needs flow or gaussian)"
+        )
     if args.finetune_from is not None and args.online_steps == 0:
         problems.append("--finetune-from starts an online phase: give it --online-steps N")
     if problems:
@@ -913,13 +996,13 @@ def main(args: Args):
         raise SystemExit(f"--batch-size {args.batch_size} is larger than the {replay.size:,} training transitions")
     obs_dim, action_dim = replay.data["observations"].shape[1], replay.data["actions"].shape[1]
 
-    actor = (FlowActor if args.policy == "flow" else GaussianActor)(obs_dim, action_dim, args).to(device)
+    actor = ACTORS[args.policy](obs_dim, action_dim, args).to(device)
     actor.set_box(low, high)
     critic = Critic(obs_dim, action_dim, args.critic_dim).to(device)
     target_critic = Critic(obs_dim, action_dim, args.critic_dim).to(device).requires_grad_(False)
     target_critic.load_state_dict(critic.state_dict())
     if args.compile:  # in place: parameters and state_dict keys are unchanged
-        for module in (critic, target_critic, actor.encoder) + ((actor.flow,) if args.policy == "flow" else ()):
+        for module in (critic, target_critic, *actor.children()):
             module.compile()
     log_temperature = torch.tensor(math.log(args.initial_temperature), device=device, requires_grad=True)  # online
     adam = functools.partial(torch.optim.Adam, lr=args.learning_rate, fused=True)  # fused: one kernel for all tensors

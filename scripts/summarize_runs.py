@@ -4,9 +4,9 @@
 
 Groups run directories by (env_id, exp_name, policy) from their args.json (nf_goal_explore.py runs by their
 goal strategy) and prints a Markdown table of overall success at every evaluation: by gradient step, online
-environment step or both, whichever the runs log. Where the runs log them it adds the validation NLL and
-each policy's own validation loss (BC scripts) and the coverage (exploration), as the mean and each seed's value, the mean success on each
-evaluation task (goal-conditioned scripts), and always the mean wall time.
+environment step or both, whichever the runs log. Where the runs log them it adds the validation NLL, each
+policy's own validation loss (BC scripts) and the coverage (exploration), as the mean and each seed's value,
+the mean success on each evaluation task (goal-conditioned scripts), and always the mean wall time.
 """
 
 import csv

@@ -35,7 +35,7 @@ def rows(run_dir):
         return list(csv.DictReader(f))
 
 
-@pytest.mark.parametrize("policy", ["flow", "gaussian"])
+@pytest.mark.parametrize("policy", ["flow", "gaussian", "fql"])
 @pytest.mark.parametrize("source", ["ogbench", "minari"])
 def test_offline_training_evaluates_and_reloads(tmp_path, pointmaze_dir, minari_dir, source, policy):
     run_dir, actor = run(
@@ -51,7 +51,7 @@ def test_offline_training_evaluates_and_reloads(tmp_path, pointmaze_dir, minari_
     assert set(checkpoint) >= {"actor", "critic", "target_critic", "actor_optimizer", "critic_optimizer", "step"}
     obs_dim, action_dim = (2, 2) if source == "ogbench" else (3, 1)
     args = nf_rlbc.Args(**checkpoint["args"])
-    reloaded = (nf_rlbc.FlowActor if policy == "flow" else nf_rlbc.GaussianActor)(obs_dim, action_dim, args)
+    reloaded = nf_rlbc.ACTORS[policy](obs_dim, action_dim, args)
     reloaded.load_state_dict(checkpoint["actor"])
     obs = torch.randn(8, obs_dim)
     with torch.no_grad():
@@ -96,7 +96,7 @@ def test_td_target_on_a_hand_built_batch(q_agg):
     np.testing.assert_allclose(target.numpy(), expected, rtol=1e-6)
 
 
-@pytest.mark.parametrize("policy", ["flow", "gaussian"])
+@pytest.mark.parametrize("policy", ["flow", "gaussian", "fql"])
 def test_resumed_run_matches_an_uninterrupted_one(tmp_path, pointmaze_dir, policy):
     base = source_args("ogbench", pointmaze_dir) + ["--policy", policy] + QUICK
     run_dir, _ = run(base + ["--output-dir", str(tmp_path / "a")])
@@ -134,7 +134,7 @@ def test_clear_errors(tmp_path, pointmaze_dir, minari_dir):
             run(out + argv)
 
 
-@pytest.mark.parametrize("policy", ["flow", "gaussian"])
+@pytest.mark.parametrize("policy", ["flow", "gaussian", "fql"])
 def test_online_fine_tuning_grows_the_buffer_and_tunes_the_temperature(tmp_path, pointmaze_dir, policy):
     argv = source_args("ogbench", pointmaze_dir) + [
         "--output-dir",
@@ -159,7 +159,8 @@ def test_online_fine_tuning_grows_the_buffer_and_tunes_the_temperature(tmp_path,
     assert checkpoint["env_steps"] == 6 and all(len(v) == 6 for v in online.values())
     assert (online["rewards"] <= 0).all() and online["actions"].abs().max() <= 1  # singletask rewards, scaled actions
     np.testing.assert_allclose(online["observations"][1:], online["next_observations"][:-1])  # one episode, in order
-    assert abs(checkpoint["log_temperature"].item() - math.log(0.01)) > 0  # tuned
+    tuned = checkpoint["log_temperature"].item() != torch.tensor(math.log(0.01)).item()  # float32's start
+    assert tuned == (policy != "fql")  # the MaxEnt phase for the actors with a log-density; FQL keeps its losses
     # resuming inside the online phase restores the buffer and goes on (with a fresh episode)
     copy = str(tmp_path / "copy")
     shutil.copytree(run_dir, copy)
@@ -293,3 +294,53 @@ def test_the_update_on_a_hand_built_batch(online):
     ):
         assert not torch.equal(before, new_critic)
         torch.testing.assert_close(new_target, old_target + 0.25 * (new_critic.detach() - old_target))
+
+
+def test_fql_losses_on_a_hand_built_batch():
+    """The distillation target is the BC flow's explicit Euler loop; the loss is flow matching + alpha *
+    distillation - the critics' mean Q (divided by mean |Q| with --normalize-q-loss); samples have no density."""
+    torch.manual_seed(0)
+    actor = nf_rlbc.FQLActor(3, 2, nf_rlbc.Args(policy="fql", encoder_dim=16, flow_steps=5))
+    obs, actions = torch.randn(4, 3), torch.rand(4, 2) * 2 - 1
+    batch = {"observations": obs, "actions": actions, "offline": torch.ones(4)}
+    with torch.no_grad():
+        z = torch.randn(4, 2)
+        x = z.clone()
+        for i in range(5):
+            x = x + actor.velocity(torch.cat([obs, x, torch.full((4, 1), i / 5)], -1)) / 5
+        torch.testing.assert_close(actor.bc_flow_actions(obs, z), x.clamp(-1, 1))
+    for normalize in (False, True):
+        actor.normalize_q_loss = normalize
+        torch.manual_seed(1)
+        loss, logs = actor.loss(batch, TableCritic(), bc_weight=3.0)
+        torch.manual_seed(1)  # the same draws, in the loss's order: x0, t, z
+        x0, t, z = torch.randn(4, 2), torch.rand(4, 1), torch.randn(4, 2)
+        velocity = actor.velocity(torch.cat([obs, (1 - t) * x0 + t * actions, t], -1))
+        bc_flow = (velocity - (actions - x0)).square().mean()
+        pi = actor.one_step(torch.cat([obs, z], -1))
+        distill = (pi - actor.bc_flow_actions(obs, z)).square().mean()
+        q = TableCritic()(obs, pi.clamp(-1, 1)).mean(0)
+        q_loss = -q.mean() / (q.abs().mean() if normalize else 1.0)
+        torch.testing.assert_close(loss, bc_flow + 3.0 * distill + q_loss)
+        torch.testing.assert_close(logs["distill_loss"], distill)
+    # the distillation target carries no gradient: the velocity field learns from flow matching alone
+    actor.zero_grad()
+    torch.manual_seed(1)
+    actor.loss(batch, TableCritic(), bc_weight=3.0)[0].backward()
+    only_bc = [p.grad.clone() for p in actor.velocity.parameters()]
+    actor.zero_grad()
+    torch.manual_seed(1)
+    x0, t = torch.randn(4, 2), torch.rand(4, 1)
+    velocity = actor.velocity(torch.cat([obs, (1 - t) * x0 + t * actions, t], -1))
+    (velocity - (actions - x0)).square().mean().backward()
+    for got, want in zip(only_bc, (p.grad for p in actor.velocity.parameters())):
+        torch.testing.assert_close(got, want)
+    samples, log_prob = actor.sample(obs)
+    assert samples.abs().max() <= 1 and (log_prob == 0).all()
+
+
+def test_fql_refuses_the_maxent_terms(tmp_path, pointmaze_dir):
+    base = source_args("ogbench", pointmaze_dir) + ["--output-dir", str(tmp_path), "--policy", "fql"] + QUICK
+    for extra in (["--entropy-weight", "0.1"], ["--online-steps", "4", "--target-entropy", "-1"]):
+        with pytest.raises(SystemExit, match="--policy fql has no log-density"):
+            run(base + extra)
