@@ -163,16 +163,31 @@ def mlp(sizes, activation, layer_norm: bool) -> nn.Sequential:
 
 
 class Critic(nn.Module):
-    """An ensemble of two Q(s, a) MLPs (4 x width, GELU, LayerNorm); returns [2, B]."""
+    """An ensemble of two Q(s, a) MLPs (4 x width, GELU, LayerNorm) run as one batched network: each layer stacks
+    both members' weights ([2, in, out]) and applies them in one batched matmul. Returns [2, B]."""
 
     def __init__(self, obs_dim: int, action_dim: int, width: int = 512):
         super().__init__()
-        sizes = [obs_dim + action_dim] + [width] * 4 + [1]
-        self.nets = nn.ModuleList([mlp(sizes, nn.GELU, layer_norm=True) for _ in range(2)])
+        members = [mlp([obs_dim + action_dim] + [width] * 4 + [1], nn.GELU, layer_norm=True) for _ in range(2)]
+
+        def stacked(index: int, name: str, transpose=False):  # one layer's tensor of both members, [2, ..., out]
+            tensors = [getattr(m[index], name) for m in members]
+            return nn.Parameter(torch.stack([t.T if transpose else t[None] for t in tensors]).detach().contiguous())
+
+        linears, norms = range(0, len(members[0]), 3), range(2, len(members[0]), 3)  # Linear, GELU, LayerNorm, ...
+        self.weights = nn.ParameterList([stacked(i, "weight", transpose=True) for i in linears])
+        self.biases = nn.ParameterList([stacked(i, "bias") for i in linears])
+        self.norm_weights = nn.ParameterList([stacked(i, "weight") for i in norms])
+        self.norm_biases = nn.ParameterList([stacked(i, "bias") for i in norms])
 
     def forward(self, obs, actions):
-        x = torch.cat([obs, actions], -1)
-        return torch.stack([net(x).squeeze(-1) for net in self.nets])
+        x = torch.cat([obs, actions], -1).expand(2, -1, -1)
+        for i, (weight, bias) in enumerate(zip(self.weights, self.biases)):
+            x = torch.baddbmm(bias, x, weight)
+            if i < len(self.norm_weights):
+                x = nn.functional.layer_norm(nn.functional.gelu(x), x.shape[-1:])
+                x = torch.addcmul(self.norm_biases[i], x, self.norm_weights[i])  # each member's LayerNorm affine
+        return x.squeeze(-1)
 
 
 class Actor(nn.Module):
@@ -1010,6 +1025,9 @@ def main(args: Args):
     optimizers["temperature"] = adam([log_temperature])
     parts = {"actor": actor, "critic": critic, "target_critic": target_critic}  # what a checkpoint holds
     parts.update({f"{k}_optimizer": v for k, v in optimizers.items()})
+    if checkpoint is not None and set(checkpoint["critic"]) != set(critic.state_dict()):
+        why = "its critics are not this version's one batched network (saved before they were batched?)"
+        raise SystemExit(f"{path}: {why}; train it again with this nf_rlbc.py")
     if checkpoint is not None and args.resume:  # everything, to continue exactly
         for key, part in parts.items():
             part.load_state_dict(checkpoint[key])

@@ -135,6 +135,40 @@ def differences(a, b, atol: float, where: str = ""):
         yield f"{where}: {str(a)[:60]} vs {str(b)[:60]}"
 
 
+def batched_critics(checkpoint):
+    """An nf_rlbc checkpoint from before the two critics became one batched network (nets.{member}.{layer}.*) in
+    the batched layout (weights.k [2, in, out], biases.k, norm_weights.k, norm_biases.k [2, 1, out]), its critic
+    optimiser's state in the batched network's parameter order, so that the two versions can be compared."""
+    if "nets.0.0.weight" not in checkpoint.get("critic", {}):
+        return checkpoint
+    old_keys = list(checkpoint["critic"])  # the old parameter order: member 0's layers, then member 1's
+    layers = sorted({int(k.split(".")[2]) for k in old_keys})
+    linears = [j for j in layers if checkpoint["critic"][f"nets.0.{j}.weight"].ndim == 2]
+    norms = [j for j in layers if j not in linears]
+    new = {f"weights.{k}": (j, "weight") for k, j in enumerate(linears)}
+    new |= {f"biases.{k}": (j, "bias") for k, j in enumerate(linears)}
+    new |= {f"norm_weights.{k}": (j, "weight") for k, j in enumerate(norms)}
+    new |= {f"norm_biases.{k}": (j, "bias") for k, j in enumerate(norms)}
+
+    def stacked(tensors, j, name):
+        return torch.stack([t.T if name == "weight" and j in linears else t[None] for t in tensors])
+
+    for part in ("critic", "target_critic"):
+        state = checkpoint[part]
+        checkpoint[part] = {
+            key: stacked([state[f"nets.{m}.{j}.{name}"] for m in (0, 1)], j, name) for key, (j, name) in new.items()
+        }
+    optimizer = checkpoint["critic_optimizer"]
+    index = {key: i for i, key in enumerate(old_keys)}
+    states = {}
+    for i, (key, (j, name)) in enumerate(new.items()):
+        members = [optimizer["state"][index[f"nets.{m}.{j}.{name}"]] for m in (0, 1)]
+        states[i] = {s: stacked([x[s] for x in members], j, name) if s != "step" else members[0][s] for s in members[0]}
+    optimizer["state"] = states
+    optimizer["param_groups"][0]["params"] = list(range(len(new)))
+    return checkpoint
+
+
 def compare(run_a: str, run_b: str, atol: float):
     problems = []
     names_a = sorted(os.path.basename(p) for p in glob.glob(f"{run_a}/checkpoints/*.pt"))
@@ -142,7 +176,7 @@ def compare(run_a: str, run_b: str, atol: float):
     if names_a != names_b:
         problems.append(f"checkpoints {names_a} vs {names_b}")
     for name in sorted(set(names_a) & set(names_b)):
-        a, b = (torch.load(f"{r}/checkpoints/{name}", weights_only=True) for r in (run_a, run_b))
+        a, b = (batched_critics(torch.load(f"{r}/checkpoints/{name}", weights_only=True)) for r in (run_a, run_b))
         problems += [f"{name}{d}" for d in differences(a, b, atol)]
     rows = []
     for run in (run_a, run_b):

@@ -51,12 +51,12 @@ def load(path: str, step: Optional[int]):
     checkpoint, _ = nf_rlbc.load_checkpoint(path, "--runs")
     args = nf_rlbc.Args(**checkpoint["args"])
     action_dim = checkpoint["actor"]["action_low"].numel()
-    obs_dim = checkpoint["critic"]["nets.0.0.weight"].shape[1] - action_dim
+    obs_dim = checkpoint["critic"]["weights.0"].shape[1] - action_dim  # the critics' first layer: [2, in, out]
     if args.source != "ogbench" or not args.env_id.startswith("pointmaze") or obs_dim != 2:
         raise SystemExit(
             f"{path}: this picture is for pointmaze singletask runs (2-D x-y observations); got {args.env_id}"
         )
-    actor = (nf_rlbc.FlowActor if args.policy == "flow" else nf_rlbc.GaussianActor)(obs_dim, action_dim, args)
+    actor = nf_rlbc.ACTORS[args.policy](obs_dim, action_dim, args)
     actor.load_state_dict(checkpoint["actor"])
     critic = nf_rlbc.Critic(obs_dim, action_dim, args.critic_dim)
     critic.load_state_dict(checkpoint["critic"])

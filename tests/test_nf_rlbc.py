@@ -344,3 +344,25 @@ def test_fql_refuses_the_maxent_terms(tmp_path, pointmaze_dir):
     for extra in (["--entropy-weight", "0.1"], ["--online-steps", "4", "--target-entropy", "-1"]):
         with pytest.raises(SystemExit, match="--policy fql has no log-density"):
             run(base + extra)
+
+
+def test_the_two_critics_are_one_batched_network(tmp_path, pointmaze_dir):
+    """Initialised as two separate MLPs would be (the same random draws) and computing what they compute, with
+    both members' weights stacked; a checkpoint with two separate critics is refused in one line."""
+    torch.manual_seed(0)
+    critic = nf_rlbc.Critic(7, 3, 64)
+    torch.manual_seed(0)
+    members = [nf_rlbc.mlp([10] + [64] * 4 + [1], torch.nn.GELU, layer_norm=True) for _ in range(2)]
+    obs, actions = torch.randn(32, 7), torch.randn(32, 3, requires_grad=True)
+    separate = torch.stack([m(torch.cat([obs, actions], -1)).squeeze(-1) for m in members])
+    batched = critic(obs, actions)
+    torch.testing.assert_close(batched, separate, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(*(torch.autograd.grad(q.sum(), actions)[0] for q in (batched, separate)))
+    assert len(list(critic.parameters())) == 18  # 5 linear and 4 LayerNorm layers, (weight, bias) each
+    run_dir, _ = run(source_args("ogbench", pointmaze_dir) + ["--output-dir", str(tmp_path)] + QUICK)
+    path = f"{run_dir}/checkpoints/step_6.pt"
+    checkpoint = torch.load(path, weights_only=True)
+    checkpoint["critic"] = {f"nets.{i}.0.weight": torch.zeros(1) for i in range(2)}  # an older version's critics
+    torch.save(checkpoint, path)
+    with pytest.raises(SystemExit, match="not this version's one batched network"):
+        run(["--resume", path])

@@ -1,0 +1,189 @@
+"""Offline training steps per second of nf_rlbc.py's update (critic, actor, temperature off, target critic) for
+each actor, optionally beside an earlier version of the script in the same run (a benchmark).
+
+The networks are the script's own classes built from its `Args`, the step is its own `update` with its fused
+Adam optimisers, on synthetic batches of the given shapes (cube-single's by default), so no dataset or
+environment is needed. Versions and actors are timed in interleaved rounds, medians reported, so machine noise
+hits every variant alike.
+
+    python benchmarks/rlbc_speed.py --threads 1                                  # default sizes
+    python benchmarks/rlbc_speed.py --threads 1 --before 1153148                 # that commit's script beside this one
+    python benchmarks/rlbc_speed.py --threads 1 --encoder-dim 256 --critic-dim 256 --hidden-dim 128
+"""
+
+import importlib.util
+import os
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from dataclasses import dataclass, field
+from typing import List, Literal, Optional
+
+import torch
+import tyro
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+@dataclass
+class Args:
+    before: Optional[str] = None
+    """a git revision whose nf_rlbc.py (and flow.py) is timed beside the working tree's"""
+    policies: List[str] = field(default_factory=lambda: ["flow", "gaussian", "fql"])
+    """actors to time (a version that lacks one skips it)"""
+    obs_dim: int = 28
+    """size of one observation (cube-single: 28)"""
+    action_dim: int = 5
+    """size of one action (cube-single: 5)"""
+    num_blocks: Optional[int] = None
+    """flow blocks (default: the script's)"""
+    hidden_dim: Optional[int] = None
+    """width of the flow's coupling networks (default: the script's)"""
+    encoder_dim: Optional[int] = None
+    """width of the actor's encoder / FQL's MLPs (default: the script's)"""
+    critic_dim: Optional[int] = None
+    """width of each critic (default: the script's)"""
+    batch_size: int = 256
+    """training batch"""
+    threads: int = 0
+    """CPU torch threads (0: torch's default)"""
+    device: Literal["cpu", "cuda"] = "cpu"
+    """where to time"""
+    rounds: int = 5
+    """measurement rounds (medians are reported)"""
+    min_time: float = 1.0
+    """seconds each measurement repeats the step for, at least"""
+
+
+def load(revision: Optional[str]):
+    """nf_rlbc as a module: the working tree's, or a revision's (with that revision's flow.py)."""
+    if revision is None:
+        sys.path.insert(0, ROOT)
+        import nf_rlbc
+
+        return nf_rlbc
+    folder = tempfile.mkdtemp(prefix="rlbc_speed_")
+    for name in ("nf_rlbc.py", "flow.py"):
+        source = subprocess.run(["git", "-C", ROOT, "show", f"{revision}:{name}"], capture_output=True, check=True)
+        with open(os.path.join(folder, name), "wb") as f:
+            f.write(source.stdout)
+    current_flow = sys.modules.pop("flow", None)
+    sys.path.insert(0, folder)
+    try:
+        spec = importlib.util.spec_from_file_location(f"nf_rlbc_{revision}", os.path.join(folder, "nf_rlbc.py"))
+        module = importlib.util.module_from_spec(spec)
+        spec.loader.exec_module(module)
+    finally:
+        sys.path.remove(folder)
+        sys.modules.pop("flow", None)
+        if current_flow is not None:
+            sys.modules["flow"] = current_flow
+    return module
+
+
+def step_function(module, policy: str, args: Args, device):
+    """The version's offline update on a fixed synthetic batch, and its parameter counts; None without the actor."""
+    sizes = {k: getattr(args, k) for k in ("num_blocks", "hidden_dim", "encoder_dim", "critic_dim")}
+    try:
+        script_args = module.Args(policy=policy, **{k: v for k, v in sizes.items() if v is not None})
+    except Exception:
+        return None
+    actors = getattr(module, "ACTORS", {"flow": module.FlowActor, "gaussian": module.GaussianActor})
+    if policy not in actors:
+        return None
+    o, a, n = args.obs_dim, args.action_dim, args.batch_size
+    actor = actors[policy](o, a, script_args).to(device)
+    critic = module.Critic(o, a, script_args.critic_dim).to(device)
+    target_critic = module.Critic(o, a, script_args.critic_dim).to(device).requires_grad_(False)
+    log_temperature = torch.zeros((), device=device, requires_grad=True)
+    adam = lambda params: torch.optim.Adam(params, lr=script_args.learning_rate, fused=True)  # noqa: E731
+    optimizers = {"actor": adam(actor.parameters()), "critic": adam(critic.parameters())}
+    optimizers["temperature"] = adam([log_temperature])
+    batch = {
+        "observations": torch.randn(n, o, device=device),
+        "actions": torch.rand(n, a, device=device) * 2 - 1,
+        "rewards": -torch.ones(n, device=device),
+        "masks": torch.ones(n, device=device),
+        "next_observations": torch.randn(n, o, device=device),
+        "offline": torch.ones(n, device=device),
+    }
+    settings = dict(discount=0.99, tau=0.005, q_agg="min", target_entropy=-float(a), entropy_weight=0.0)
+
+    def step():
+        module.update(
+            batch,
+            actor=actor,
+            critic=critic,
+            target_critic=target_critic,
+            optimizers=optimizers,
+            log_temperature=log_temperature,
+            online=False,
+            bc_weight=script_args.alpha,
+            **settings,
+        )
+
+    count = lambda m: sum(p.numel() for p in m.parameters())  # noqa: E731
+    return step, count(actor), count(critic), script_args
+
+
+def timed(fn, device, min_time: float) -> float:
+    """Seconds per call, fn repeated for at least min_time."""
+    if device.type == "cuda":
+        torch.cuda.synchronize()
+    reps, begin = 0, time.perf_counter()
+    while reps == 0 or time.perf_counter() - begin < min_time:
+        fn()
+        reps += 1
+    if device.type == "cuda":
+        torch.cuda.synchronize()
+    return (time.perf_counter() - begin) / reps
+
+
+def main(args: Args):
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    if args.device == "cuda" and not torch.cuda.is_available():
+        raise SystemExit("--device cuda: no CUDA device is available here")
+    device = torch.device(args.device)
+    versions = {"working tree": load(None)}
+    if args.before is not None:
+        versions = {args.before: load(args.before), **versions}
+    jobs = {}
+    for version, module in versions.items():
+        for policy in args.policies:
+            torch.manual_seed(0)
+            built = step_function(module, policy, args, device)
+            if built is not None:
+                jobs[(version, policy)] = built
+    for step, *_ in jobs.values():  # warm-up
+        step()
+        step()
+    times = {key: [] for key in jobs}
+    for _ in range(args.rounds):
+        for key, (step, *_) in jobs.items():
+            times[key].append(timed(step, device, args.min_time))
+    med = {key: statistics.median(v) for key, v in times.items()}
+
+    sizes = next(iter(jobs.values()))[3]
+    where = (
+        f"CUDA ({torch.cuda.get_device_name()})" if device.type == "cuda" else f"CPU, {torch.get_num_threads()} threads"
+    )
+    print(
+        f"nf_rlbc.py offline update; torch {torch.__version__}, {where}; "
+        f"obs {args.obs_dim}, actions {args.action_dim}, "
+        f"batch {args.batch_size}; flow {sizes.num_blocks} x {sizes.hidden_dim}, encoder {sizes.encoder_dim}, "
+        f"critics 2 x {sizes.critic_dim}; medians of {args.rounds} rounds\n"
+    )
+    print("| version | actor | actor parameters | critic parameters | steps/s | speed-up over " + f"{args.before} |")
+    print("|---|---|---|---|---|---|")
+    for (version, policy), (_, actor_count, critic_count, _) in jobs.items():
+        before = med.get((args.before, policy))
+        seconds = med[(version, policy)]
+        ratio = f"{before / seconds:.2f}x" if before else "-"
+        print(f"| {version} | {policy} | {actor_count:,} | {critic_count:,} | {1 / seconds:.1f} | {ratio} |")
+
+
+if __name__ == "__main__":
+    main(tyro.cli(Args))
