@@ -366,3 +366,26 @@ def test_the_two_critics_are_one_batched_network(tmp_path, pointmaze_dir):
     torch.save(checkpoint, path)
     with pytest.raises(SystemExit, match="not this version's one batched network"):
         run(["--resume", path])
+
+
+def test_fql_one_step_policy_reproduces_the_bc_flow_when_alpha_is_large():
+    """With a large alpha the critic barely pulls: the one-step policy becomes the BC flow's Euler map, which
+    itself reproduces the data (two modes here: a = +-0.5 in the first action dimension)."""
+    torch.manual_seed(0)
+    actor = nf_rlbc.FQLActor(2, 2, nf_rlbc.Args(policy="fql", encoder_dim=64, flow_steps=10))
+    optimizer = torch.optim.Adam(actor.parameters(), lr=1e-3)
+    for _ in range(1200):
+        obs = torch.randn(128, 2)
+        modes = torch.randint(2, (128, 1)) * 1.0 - 0.5
+        actions = torch.cat([modes, 0.1 * torch.randn(128, 1)], -1)
+        batch = {"observations": obs, "actions": actions, "offline": torch.ones(128)}
+        loss, _ = actor.loss(batch, TableCritic(), bc_weight=1000.0)
+        optimizer.zero_grad()
+        loss.backward()
+        optimizer.step()
+    with torch.no_grad():
+        obs, z = torch.randn(512, 2), torch.randn(512, 2)
+        one_step, flow = actor.one_step(torch.cat([obs, z], -1)).clamp(-1, 1), actor.bc_flow_actions(obs, z)
+    assert (one_step - flow).abs().mean() < 0.08  # the modes are 1.0 apart
+    near_a_mode = ((flow[:, 0].abs() - 0.5).abs() < 0.15).float().mean()
+    assert near_a_mode > 0.9 and 0.35 < (flow[:, 0] > 0).float().mean() < 0.65  # both modes kept
