@@ -55,6 +55,8 @@ class Args:
     """measurement rounds (medians are reported)"""
     min_time: float = 1.0
     """seconds each measurement repeats the step for, at least"""
+    compile: bool = False
+    """also time the working tree's step with its networks compiled, as the script's --compile does"""
 
 
 def load(revision: Optional[str]):
@@ -83,7 +85,7 @@ def load(revision: Optional[str]):
     return module
 
 
-def step_function(module, policy: str, args: Args, device):
+def step_function(module, policy: str, args: Args, device, compile: bool = False):
     """The version's offline update on a fixed synthetic batch, and its parameter counts; None without the actor."""
     sizes = {k: getattr(args, k) for k in ("num_blocks", "hidden_dim", "encoder_dim", "critic_dim")}
     try:
@@ -97,6 +99,9 @@ def step_function(module, policy: str, args: Args, device):
     actor = actors[policy](o, a, script_args).to(device)
     critic = module.Critic(o, a, script_args.critic_dim).to(device)
     target_critic = module.Critic(o, a, script_args.critic_dim).to(device).requires_grad_(False)
+    if compile:
+        for network in (critic, target_critic, *actor.children()):
+            network.compile()
     log_temperature = torch.zeros((), device=device, requires_grad=True)
     adam = lambda params: torch.optim.Adam(params, lr=script_args.learning_rate, fused=True)  # noqa: E731
     optimizers = {"actor": adam(actor.parameters()), "critic": adam(critic.parameters())}
@@ -157,6 +162,9 @@ def main(args: Args):
             built = step_function(module, policy, args, device)
             if built is not None:
                 jobs[(version, policy)] = built
+            if args.compile and version == "working tree":
+                torch.manual_seed(0)
+                jobs[("compiled", policy)] = step_function(module, policy, args, device, compile=True)
     for step, *_ in jobs.values():  # warm-up
         step()
         step()
