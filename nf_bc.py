@@ -656,8 +656,7 @@ def evaluate(
     )
     first = []
     for i, env in enumerate(envs):  # fixed evaluation seeds, the same for every run and step
-        np.random.seed(100_000 + i)  # OGBench draws start and goal noise from NumPy's global generator
-        first.append(flat(env.reset(seed=100_000 + i)[0]))
+        first.append(flat(seeded_reset(env, 100_000 + i)[0]))
     history = np.repeat(np.array(first)[:, None], args.obs_horizon, axis=1)  # [n, h, o]: padded with the first
     n = len(envs)
     active, returns, success, reports_success = np.ones(n, bool), np.zeros(n), np.zeros(n), False
@@ -688,6 +687,20 @@ def evaluate(
     stats["return"], stats["success"] = float(returns.mean()), float(success.mean()) if reports_success else math.nan
     stats["score"] = float(np.mean(score_fn(returns))) if score_fn is not None else math.nan
     return stats
+
+
+def seeded_reset(env, seed: int, **options):
+    """env.reset(seed=seed) that starts the same episode whatever the env or the process did before. OGBench draws
+    start and goal noise from NumPy's global generator, and its manipulation tasks settle the goal scene with random
+    actions from an action space made anew at each access, which seeds itself from the OS: while it resets, unseeded
+    spaces take their seeds from NumPy's generator, seeded here with the episode's seed."""
+    np.random.seed(seed)
+    unseeded = gymnasium.utils.seeding.np_random
+    gymnasium.utils.seeding.np_random = lambda s=None: unseeded(np.random.randint(2**31) if s is None else s)
+    try:
+        return env.reset(seed=seed, options=options or None)
+    finally:
+        gymnasium.utils.seeding.np_random = unseeded
 
 
 def save_video(frames, path: str):

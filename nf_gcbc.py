@@ -398,8 +398,7 @@ def evaluate(policy, envs, val_batch, args: Args, device, step: int, video_dir: 
     for task in range(1, num_tasks + 1):
         obs, goals, frames = [], [], []
         for i, env in enumerate(envs):  # fixed evaluation seeds, the same for every run and step
-            np.random.seed(100_000 * task + i)  # OGBench draws start and goal noise from NumPy's global generator
-            ob, info = env.reset(seed=100_000 * task + i, options=dict(task_id=task, render_goal=False))
+            ob, info = seeded_reset(env, 100_000 * task + i, task_id=task, render_goal=False)
             obs.append(ob)
             goals.append(info["goal"])
         obs, goals = np.array(obs), np.array(goals)
@@ -423,6 +422,20 @@ def evaluate(policy, envs, val_batch, args: Args, device, step: int, video_dir: 
     results["success"] = float(np.mean([results[f"task{t}_success"] for t in range(1, num_tasks + 1)]))
     policy.train()
     return results
+
+
+def seeded_reset(env, seed: int, **options):
+    """env.reset(seed=seed) that starts the same episode whatever the env or the process did before. OGBench draws
+    start and goal noise from NumPy's global generator, and its manipulation tasks settle the goal scene with random
+    actions from an action space made anew at each access, which seeds itself from the OS: while it resets, unseeded
+    spaces take their seeds from NumPy's generator, seeded here with the episode's seed."""
+    np.random.seed(seed)
+    unseeded = gymnasium.utils.seeding.np_random
+    gymnasium.utils.seeding.np_random = lambda s=None: unseeded(np.random.randint(2**31) if s is None else s)
+    try:
+        return env.reset(seed=seed, options=options or None)
+    finally:
+        gymnasium.utils.seeding.np_random = unseeded
 
 
 def save_video(frames, path: str):

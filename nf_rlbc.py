@@ -577,8 +577,7 @@ class OnlineEnv:
 
     def __init__(self, env, obs_space, seed: int, device: torch.device):
         self.env, self.obs_space, self.device = env, obs_space, device
-        np.random.seed(seed)  # OGBench draws start noise from NumPy's global generator
-        self.ob = flatten_observation(obs_space, env.reset(seed=seed)[0])  # a resume starts a new episode
+        self.ob = flatten_observation(obs_space, seeded_reset(env, seed)[0])  # a resume starts a new episode
         self.episode_return, self.episode_success = 0.0, 0.0
 
     def step(self, actor, replay: ReplayBuffer) -> Optional[Dict[str, float]]:
@@ -662,8 +661,7 @@ def evaluate(
     tqdm.write(f"evaluating at step {step}: {len(envs)} episodes ...")
     obs = []
     for i, env in enumerate(envs):
-        np.random.seed(100_000 + i)  # OGBench draws start and goal noise from NumPy's global generator
-        obs.append(flatten_observation(obs_space, env.reset(seed=100_000 + i)[0]))
+        obs.append(flatten_observation(obs_space, seeded_reset(env, 100_000 + i)[0]))
     obs, n = np.array(obs), len(envs)
     active, returns, success, reports_success, frames = np.ones(n, bool), np.zeros(n), np.zeros(n), False, []
     for _ in range(args.eval_max_steps or 10**9):
@@ -691,6 +689,20 @@ def evaluate(
         "return": float(returns.mean()),
         "score": score,
     }
+
+
+def seeded_reset(env, seed: int, **options):
+    """env.reset(seed=seed) that starts the same episode whatever the env or the process did before. OGBench draws
+    start and goal noise from NumPy's global generator, and its manipulation tasks settle the goal scene with random
+    actions from an action space made anew at each access, which seeds itself from the OS: while it resets, unseeded
+    spaces take their seeds from NumPy's generator, seeded here with the episode's seed."""
+    np.random.seed(seed)
+    unseeded = gymnasium.utils.seeding.np_random
+    gymnasium.utils.seeding.np_random = lambda s=None: unseeded(np.random.randint(2**31) if s is None else s)
+    try:
+        return env.reset(seed=seed, options=options or None)
+    finally:
+        gymnasium.utils.seeding.np_random = unseeded
 
 
 def save_video(frames, path: str):

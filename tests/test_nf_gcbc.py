@@ -201,3 +201,40 @@ def test_the_update_on_a_hand_built_batch(name):
     torch.testing.assert_close(logs["loss"], expected.detach())
     assert not logs["loss"].requires_grad and any(not torch.equal(a, b) for a, b in zip(before, policy.parameters()))
     assert explicit_loss(policy, obs, goals, actions, draws) < expected  # one step on the batch lowers its loss
+
+
+def test_action_checks_script_reads_runs_of_every_policy(tmp_path, pointmaze_dir, capsys):
+    sys.path.insert(0, os.path.join(ROOT, "scripts"))
+    import gcbc_action_checks
+
+    runs = [
+        run(
+            ["--env-id", ENV, "--dataset-dir", pointmaze_dir, "--output-dir", str(tmp_path / p), "--policy", p] + QUICK
+        )[0]
+        for p in ("flow", "flow-matching")
+    ]
+    capsys.readouterr()  # the training runs' output
+    gcbc_action_checks.main(gcbc_action_checks.Args(runs=tuple(runs), step=6, dataset_dir=pointmaze_dir))
+    lines = [line for line in capsys.readouterr().out.splitlines() if "action MSE" in line]
+    assert "(flow): action MSE" in lines[0] and "success without denoising" in lines[0]
+    assert "(flow-matching): action MSE" in lines[1] and "denoising" not in lines[1]
+    with pytest.raises(SystemExit, match="step_7.pt does not exist"):
+        gcbc_action_checks.main(gcbc_action_checks.Args(runs=tuple(runs), step=7, dataset_dir=pointmaze_dir))
+
+
+def test_an_evaluation_episode_does_not_depend_on_what_the_env_did_before():
+    """OGBench's cube tasks settle the goal scene with random actions from an unseeded action space at every reset:
+    with seeded_reset the goal, the start and the physics are the same for a fresh env and for one that has run
+    other episodes (before, one checkpoint's evaluation gave 0.56 in its run and 0.49 from --eval-only)."""
+    import ogbench
+
+    used, fresh = (ogbench.make_env_and_datasets("cube-single-play-v0", env_only=True) for _ in range(2))
+    for seed in (7, 8):
+        nf_gcbc.seeded_reset(used, seed, task_id=2)
+        for _ in range(5):
+            used.step(used.action_space.sample())
+    first = [nf_gcbc.seeded_reset(env, 100_002, task_id=2, render_goal=False) for env in (used, fresh)]
+    np.testing.assert_array_equal(first[0][0], first[1][0])
+    np.testing.assert_array_equal(first[0][1]["goal"], first[1][1]["goal"])
+    steps = [env.step(np.full(5, 0.3, np.float32))[0] for env in (used, fresh)]
+    np.testing.assert_array_equal(steps[0], steps[1])
