@@ -57,3 +57,22 @@ def test_eval_only_evaluates_a_checkpoint_without_training(tmp_path, pointmaze_d
     assert before == {f: os.path.getmtime(os.path.join(run_dir, f)) for f in before}
     with pytest.raises(SystemExit, match="--eval-only evaluates a run's checkpoint: give it --resume"):
         run(argv(pointmaze_dir) + TINY + ["--output-dir", str(tmp_path), "--eval-only"])
+
+
+def test_summarize_runs_tabulates_eval_only_results(tmp_path, pointmaze_dir, capsys):
+    import importlib.util
+
+    module, argv = SCRIPTS["nf_gcbc"]
+    run = lambda a: module.main(tyro.cli(module.Args, args=a))  # noqa: E731
+    run_dir, _ = run(argv(pointmaze_dir) + TINY + ["--output-dir", str(tmp_path)])
+    path = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "scripts", "summarize_runs.py")
+    spec = importlib.util.spec_from_file_location("summarize_runs", path)
+    summarize = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(summarize)
+    with pytest.raises(SystemExit, match="no runs with args.json and eval_only_step_N.json"):
+        summarize.main(str(tmp_path), eval_only=True)
+    run(["--resume", run_dir, "--eval-only", "--eval-episodes", "2"])
+    capsys.readouterr()
+    summarize.main(str(tmp_path), eval_only=True)
+    rows = [line for line in capsys.readouterr().out.splitlines() if line.startswith("| pointmaze")]
+    assert len(rows) == 1 and "| 4 |" in rows[0] and rows[0].endswith("| - |")  # step 4; no wall time
