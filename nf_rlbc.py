@@ -287,8 +287,8 @@ class FQLActor(Actor):
         self.one_step = mlp([obs_dim + action_dim] + [args.encoder_dim] * 4 + [action_dim], nn.GELU, False)
         self.action_dim, self.flow_steps, self.normalize_q_loss = action_dim, args.flow_steps, args.normalize_q_loss
 
-    def sample(self, obs, z=None):
-        z = torch.randn(len(obs), self.action_dim, device=obs.device) if z is None else z
+    def sample(self, obs):
+        z = torch.randn(len(obs), self.action_dim, device=obs.device)
         return self.one_step(torch.cat([obs, z], -1)).clamp(-1, 1), torch.zeros(len(obs), device=obs.device)
 
     @torch.no_grad()
