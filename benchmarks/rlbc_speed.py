@@ -17,7 +17,6 @@ import statistics
 import subprocess
 import sys
 import tempfile
-import time
 from dataclasses import dataclass, field
 from typing import List, Literal, Optional
 
@@ -25,6 +24,8 @@ import torch
 import tyro
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+from policy_speed import timed  # noqa: E402  (the same timing as the policy benchmark; CUDA: events)
 
 
 @dataclass
@@ -131,19 +132,6 @@ def step_function(module, policy: str, args: Args, device, compile: bool = False
 
     count = lambda m: sum(p.numel() for p in m.parameters())  # noqa: E731
     return step, count(actor), count(critic), script_args
-
-
-def timed(fn, device, min_time: float) -> float:
-    """Seconds per call, fn repeated for at least min_time."""
-    if device.type == "cuda":
-        torch.cuda.synchronize()
-    reps, begin = 0, time.perf_counter()
-    while reps == 0 or time.perf_counter() - begin < min_time:
-        fn()
-        reps += 1
-    if device.type == "cuda":
-        torch.cuda.synchronize()
-    return (time.perf_counter() - begin) / reps
 
 
 def main(args: Args):
