@@ -131,7 +131,9 @@ class Args:
     eval_interval: int = 100_000
     """steps between evaluations and validation NLL (also at step 0 and at the end)"""
     eval_episodes: int = 50
-    """evaluation episodes, run as one batch"""
+    """evaluation episodes"""
+    eval_envs: int = 5
+    """environments the evaluation episodes take turns on, the policy batched over them (each holds ~150 MB on cube)"""
     eval_max_steps: Optional[int] = None
     """cap on evaluation episode length (default: the environment's; lower only for quick checks)"""
     save_interval: int = 100_000
@@ -218,10 +220,11 @@ class FlowPolicy(Policy):
     def log_prob(self, obs, actions):
         return self.flow.log_prob(actions.flatten(1), self.encoder(self.features(obs)))
 
-    def act(self, obs, generator: torch.Generator):
+    def act(self, obs, randn):
+        """Chunks [B, k, a] in env units for histories [B, h, o]; randn(*shape) draws standard normals [B, *shape]
+        (in evaluation one stream per episode, see episode_noise)."""
         cond = self.encoder(self.features(obs))
-        z = torch.randn(len(obs), self.flow.dim, generator=generator, device=obs.device)
-        actions = self.flow.sample(cond, z)
+        actions = self.flow.sample(cond, randn(self.flow.dim))
         if self.use_denoise:
             actions = denoise(self.flow, actions, cond, self.noise_std)
         return self.to_env_units(actions.view(len(obs), *self.chunk_shape))
@@ -241,7 +244,7 @@ class GaussianPolicy(Policy):
         z = (actions.flatten(1) - self.net(self.features(obs))) / self.log_std.exp()
         return (-0.5 * z.square() - self.log_std - 0.5 * math.log(2 * math.pi)).sum(-1)
 
-    def act(self, obs, generator: torch.Generator):
+    def act(self, obs, randn):
         return self.to_env_units(self.net(self.features(obs)).view(len(obs), *self.chunk_shape))  # the mean
 
 
@@ -273,9 +276,9 @@ class FlowMatchingPolicy(Policy):
         a = actions.flatten(1)
         return (self.predict((1 - t) * z + t * a, t, self.encoder(self.features(obs))) - (a - z)).square().mean(-1)
 
-    def act(self, obs, generator: torch.Generator):
+    def act(self, obs, randn):
         cond = self.encoder(self.features(obs))
-        x = torch.randn(len(obs), self.dim, generator=generator, device=obs.device)
+        x = randn(self.dim)
         for i in range(self.steps):
             x = x + self.predict(x, torch.full((len(obs), 1), i / self.steps, device=obs.device), cond) / self.steps
         return self.to_env_units(x.view(len(obs), *self.chunk_shape))
@@ -313,10 +316,10 @@ class DiffusionPolicy(FlowMatchingPolicy):
             ema.lerp_(p, 1 - decay)
         self.ema_updates += 1
 
-    def act(self, obs, generator: torch.Generator):
+    def act(self, obs, randn):
         encoder, net = self.ema
         cond, one = encoder(self.features(obs)), torch.ones((), device=obs.device)
-        x = torch.randn(len(obs), self.dim, generator=generator, device=obs.device)
+        x = randn(self.dim)
         ks = [i * (100 // self.steps) for i in reversed(range(self.steps))]  # 90, 80, ..., 0 for 10 steps
         for k, k_prev in zip(ks, ks[1:] + [-1]):
             a, a_prev = self.alpha_bars[k], self.alpha_bars[k_prev] if k_prev >= 0 else one
@@ -325,7 +328,8 @@ class DiffusionPolicy(FlowMatchingPolicy):
             eps = (x - a.sqrt() * x0) / (1 - a).sqrt()  # the noise that the clipped prediction implies
             sigma = ((1 - a_prev) / (1 - a) * (1 - a / a_prev)).sqrt() if self.steps == 100 else 0 * one
             x = a_prev.sqrt() * x0 + (1 - a_prev - sigma.square()).clamp_min(0).sqrt() * eps
-            x = x + sigma * torch.randn(x.shape, generator=generator, device=x.device)
+            if self.steps == 100:  # DDPM: fresh noise at every step
+                x = x + sigma * randn(self.dim)
         return self.to_env_units(x.view(len(obs), *self.chunk_shape))
 
 
@@ -637,8 +641,8 @@ def evaluate(
     policy, envs, obs_space, val_batch, args: Args, device, step: int, video_dir, score_fn
 ) -> Dict[str, float]:
     """Validation NLL of one fixed batch (nan without one); mean return, success rate (where the env reports
-    success) and normalised score (where defined) over one episode per env. All envs run in lockstep: every
-    exec_horizon steps the policy plans a chunk for all of them."""
+    success) and normalised score (where defined) over --eval-episodes episodes with fixed seeds on the pool of
+    `envs`, the policy batched over the running ones."""
     policy.eval()
     stats = dict.fromkeys(("val_loss", "val_nll", "return", "success", "score"), math.nan)
     if val_batch:
@@ -647,46 +651,82 @@ def evaluate(
     if not envs:
         policy.train()
         return stats
-    generator = torch.Generator(device=device).manual_seed(args.seed * 1_000_003 + step)  # not the training RNG
-    tqdm.write(f"evaluating at step {step}: {len(envs)} episodes ...")
+    tqdm.write(f"evaluating at step {step}: {args.eval_episodes} episodes ...")
     flat = (
         (lambda o: flatten_observation(obs_space, o))
         if obs_space is not None
         else (lambda o: np.asarray(o, np.float32))
     )
-    first = []
-    for i, env in enumerate(envs):  # fixed evaluation seeds, the same for every run and step
-        first.append(flat(seeded_reset(env, 100_000 + i)[0]))
-    history = np.repeat(np.array(first)[:, None], args.obs_horizon, axis=1)  # [n, h, o]: padded with the first
-    n = len(envs)
-    active, returns, success, reports_success = np.ones(n, bool), np.zeros(n), np.zeros(n), False
-    plan, frames = None, []
-    for t in range(args.eval_max_steps or 10**9):
-        if not active.any():
-            break
-        if t % args.exec_horizon == 0:
-            idx = np.flatnonzero(active)
-            obs = torch.as_tensor(history[idx], dtype=torch.float32, device=device)
-            chunk = policy.act(obs, generator).cpu().numpy()
-            plan = np.zeros((n,) + chunk.shape[1:], np.float32)
-            plan[idx] = chunk
-        if video_dir is not None and active[0]:
-            frames.append(envs[0].render())
-        for i in np.flatnonzero(active):
-            ob, reward, terminated, truncated, info = envs[i].step(plan[i, t % args.exec_horizon])
-            returns[i] += reward
-            if "success" in info:
-                reports_success = True
-                success[i] = max(success[i], float(info["success"]))
-            history[i, :-1], history[i, -1] = history[i, 1:].copy(), flat(ob)
-            if terminated or truncated:
-                active[i] = False
+    seeds = [100_000 + i for i in range(args.eval_episodes)]  # the same for every run and step
+    noise = [torch.Generator().manual_seed(args.seed * 1_000_003 + step + 7_919 * s) for s in seeds]
+    history, plan, t, frames = {}, {}, {}, [] if video_dir is not None else None
+
+    def start(env, episode):
+        ob = seeded_reset(env, seeds[episode])[0]
+        history[episode], t[episode] = np.repeat(flat(ob)[None], args.obs_horizon, 0), 0  # padded with the first
+        return ob
+
+    def act(episodes, obs):  # a chunk is planned every exec_horizon steps of an episode
+        for e, ob in zip(episodes, obs):
+            if t[e] > 0:
+                history[e] = np.concatenate([history[e][1:], flat(ob)[None]])
+        due = [e for e in episodes if t[e] % args.exec_horizon == 0]
+        if due:
+            o = torch.as_tensor(np.array([history[e] for e in due]), dtype=torch.float32, device=device)
+            plan.update(zip(due, policy.act(o, episode_noise([noise[e] for e in due], device)).cpu().numpy()))
+        actions = [plan[e][t[e] % args.exec_horizon] for e in episodes]
+        t.update((e, t[e] + 1) for e in episodes)
+        return actions
+
+    returns, success, _ = run_episodes(envs, args.eval_episodes, start, act, args.eval_max_steps, frames)
     if video_dir is not None:
         save_video(frames, os.path.join(video_dir, f"step{step}.mp4"))
     policy.train()
-    stats["return"], stats["success"] = float(returns.mean()), float(success.mean()) if reports_success else math.nan
+    stats["return"] = float(returns.mean())
+    stats["success"] = float(np.nan_to_num(success).mean()) if not np.isnan(success).all() else math.nan
     stats["score"] = float(np.mean(score_fn(returns))) if score_fn is not None else math.nan
     return stats
+
+
+def episode_noise(generators, device):
+    """randn(*shape) -> [len(generators), *shape], row i from generators[i] (on the CPU): the noise of a batch of
+    evaluation episodes, each with its own stream, so that what an episode does not depend on the others."""
+    return lambda *shape: torch.stack([torch.randn(shape, generator=g) for g in generators]).to(device)
+
+
+def run_episodes(envs, num_episodes: int, start, act, max_steps: Optional[int], frames: Optional[list] = None):
+    """Episodes 0..num_episodes-1 on a fixed pool of envs (memory does not grow with the episode count): an env
+    that finishes takes the next waiting episode, `start(env, episode)` resets it and returns the first observation,
+    and `act(episodes, observations)` acts for all running episodes as one batch. Returns each episode's return,
+    success (max over its steps; nan where never reported) and final info (None where cut at max_steps); `frames`
+    collects the renders of episode 0."""
+    waiting, running, obs = iter(range(num_episodes)), [None] * len(envs), [None] * len(envs)
+    returns, success, steps = np.zeros(num_episodes), np.full(num_episodes, np.nan), np.zeros(num_episodes, int)
+    last = [None] * num_episodes
+
+    def take_next(k):
+        running[k] = next(waiting, None)
+        if running[k] is not None:
+            obs[k] = start(envs[k], running[k])
+
+    for k in range(len(envs)):
+        take_next(k)
+    while any(e is not None for e in running):
+        busy = [k for k, e in enumerate(running) if e is not None]
+        actions = act([running[k] for k in busy], [obs[k] for k in busy])
+        for k, action in zip(busy, actions):
+            e = running[k]
+            if frames is not None and e == 0:
+                frames.append(envs[k].render())
+            obs[k], reward, terminated, truncated, info = envs[k].step(action)
+            returns[e], steps[e] = returns[e] + reward, steps[e] + 1
+            if "success" in info:
+                success[e] = np.fmax(success[e], float(info["success"]))
+            if terminated or truncated:
+                last[e] = info
+            if terminated or truncated or steps[e] == max_steps:
+                take_next(k)
+    return returns, success, last
 
 
 def seeded_reset(env, seed: int, **options):
@@ -954,7 +994,8 @@ def resumed_args(args):
     if args.resume is None:
         return None, None, args
     checkpoint, path = load_checkpoint(args.resume)
-    keep = ("resume", "eval_only") + (("eval_episodes", "eval_max_steps", "capture_video") if args.eval_only else ())
+    keep = ("resume", "eval_only", "eval_envs")
+    keep += ("eval_episodes", "eval_max_steps", "capture_video") if args.eval_only else ()
     return checkpoint, path, dataclasses.replace(Args(**checkpoint["args"]), **{k: getattr(args, k) for k in keep})
 
 
@@ -1001,7 +1042,15 @@ def leave_together(world: int):
 
 
 def check_args(args: Args):
-    names = ("total_steps", "batch_size", "log_interval", "eval_interval", "eval_episodes", "save_interval")
+    names = (
+        "total_steps",
+        "batch_size",
+        "log_interval",
+        "eval_interval",
+        "eval_episodes",
+        "eval_envs",
+        "save_interval",
+    )
     names += ("obs_horizon", "action_horizon", "exec_horizon")
     names += ("learning_rate", "num_blocks", "hidden_dim", "rep_dim", "eval_max_steps", "flow_steps", "diffusion_steps")
     problems = common_problems(args, names)
@@ -1031,7 +1080,9 @@ def main(args: Args):
     torch.manual_seed(args.seed)
     rng = np.random.default_rng(args.seed)
 
-    train_data, val_data, envs, obs_space, score_fn = load_task(args, num_envs=args.eval_episodes if is_main else 1)
+    train_data, val_data, envs, obs_space, score_fn = load_task(
+        args, num_envs=min(args.eval_envs, args.eval_episodes) if is_main else 1
+    )
     low, high = action_box(args, envs, train_data["actions"])
     for data in (train_data, val_data):
         if data is not None:

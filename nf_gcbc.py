@@ -115,7 +115,9 @@ class Args:
     eval_interval: int = 100_000
     """steps between evaluations and validation NLL (also at step 0 and at the end)"""
     eval_episodes: int = 50
-    """evaluation episodes per task, run as one batch"""
+    """evaluation episodes per task"""
+    eval_envs: int = 5
+    """environments the evaluation episodes take turns on, the policy batched over them (each holds ~150 MB on cube)"""
     eval_max_steps: Optional[int] = None
     """cap on evaluation episode length (default: the environment's; lower only for quick checks)"""
     save_interval: int = 100_000
@@ -174,9 +176,11 @@ class FlowPolicy(NoisedLikelihood):
     def log_prob(self, obs, goals, actions):
         return self.flow.log_prob(actions, self.encoder(torch.cat([obs, goals], -1)))
 
-    def act(self, obs, goals, generator: torch.Generator):
+    def act(self, obs, goals, randn):
+        """Actions [B, a] for obs, goals [B, o]; randn(*shape) draws standard normals [B, *shape] (in evaluation one
+        stream per episode, see episode_noise)."""
         cond = self.encoder(torch.cat([obs, goals], -1))
-        z = torch.randn(len(obs), self.flow.dim, generator=generator, device=obs.device)
+        z = randn(self.flow.dim)
         actions = self.flow.sample(cond, z)
         if self.use_denoise:
             actions = denoise(self.flow, actions, cond, self.noise_std)
@@ -198,7 +202,7 @@ class GaussianPolicy(NoisedLikelihood):
         z = (actions - mean) / self.log_std.exp()
         return (-0.5 * z.square() - self.log_std - 0.5 * math.log(2 * math.pi)).sum(-1)
 
-    def act(self, obs, goals, generator: torch.Generator):
+    def act(self, obs, goals, randn):
         return self.net(torch.cat([obs, goals], -1)).clamp(-1, 1)  # the mean, as OGBench evaluates
 
 
@@ -230,9 +234,9 @@ class FlowMatchingPolicy(nn.Module):
 
     forward = loss  # what a DistributedDataParallel wrapper calls
 
-    def act(self, obs, goals, generator: torch.Generator):
+    def act(self, obs, goals, randn):
         cond = self.encoder(torch.cat([obs, goals], -1))
-        x = torch.randn(len(obs), self.action_dim, generator=generator, device=obs.device)
+        x = randn(self.action_dim)
         for i in range(self.steps):
             t = torch.full((len(obs), 1), i / self.steps, device=obs.device)
             x = x + self.velocity(torch.cat([x, time_embedding(t), cond], -1)) / self.steps
@@ -386,42 +390,77 @@ class GoalDataset:
 
 @torch.no_grad()
 def evaluate(policy, envs, val_batch, args: Args, device, step: int, video_dir: Optional[str]) -> Dict[str, float]:
-    """Success rate per task: all `envs` (one per episode) run task k in lockstep, the policy batched; and the
-    validation loss of one fixed batch (the NLL for the flow and the Gaussian)."""
+    """Success rate per task: --eval-episodes episodes of task k on the pool of `envs`, the policy batched over the
+    running ones; and the validation loss of one fixed batch (the NLL for the flow and the Gaussian)."""
     policy.eval()
-    generator = torch.Generator(device=device).manual_seed(args.seed * 1_000_003 + step)  # not the training RNG
     obs, actions, goals, draws = val_batch
     results = {"val_loss": policy.loss(obs, goals, actions, *draws).mean().item()}
     results["val_nll"] = results["val_loss"] if hasattr(policy, "log_prob") else math.nan
     num_tasks = len(envs[0].unwrapped.task_infos)
-    tqdm.write(f"evaluating at step {step}: {num_tasks} tasks x {len(envs)} episodes ...")
+    tqdm.write(f"evaluating at step {step}: {num_tasks} tasks x {args.eval_episodes} episodes ...")
     for task in range(1, num_tasks + 1):
-        obs, goals, frames = [], [], []
-        for i, env in enumerate(envs):  # fixed evaluation seeds, the same for every run and step
-            ob, info = seeded_reset(env, 100_000 * task + i, task_id=task, render_goal=False)
-            obs.append(ob)
-            goals.append(info["goal"])
-        obs, goals = np.array(obs), np.array(goals)
-        active, success = np.ones(len(envs), bool), np.zeros(len(envs))
-        for _ in range(args.eval_max_steps or 10**9):
-            if not active.any():
-                break
-            o = torch.as_tensor(obs[active], dtype=torch.float32, device=device)
-            g = torch.as_tensor(goals[active], dtype=torch.float32, device=device)
-            actions = policy.act(o, g, generator).cpu().numpy()
-            if video_dir is not None and active[0]:
-                frames.append(envs[0].render())
-            for a, i in zip(actions, np.flatnonzero(active)):
-                obs[i], _, terminated, truncated, info = envs[i].step(a)
-                if terminated or truncated:
-                    active[i] = False
-                    success[i] = info["success"]
-        results[f"task{task}_success"] = float(success.mean())
+        seeds = [100_000 * task + i for i in range(args.eval_episodes)]  # the same for every run and step
+        noise = [torch.Generator().manual_seed(args.seed * 1_000_003 + step + 7_919 * s) for s in seeds]
+        goals, frames = {}, [] if video_dir is not None else None
+
+        def start(env, episode):
+            ob, info = seeded_reset(env, seeds[episode], task_id=task, render_goal=False)
+            goals[episode] = info["goal"]
+            return ob
+
+        def act(episodes, obs):
+            o = torch.as_tensor(np.array(obs), dtype=torch.float32, device=device)
+            g = torch.as_tensor(np.array([goals[e] for e in episodes]), dtype=torch.float32, device=device)
+            return policy.act(o, g, episode_noise([noise[e] for e in episodes], device)).cpu().numpy()
+
+        _, _, last = run_episodes(envs, args.eval_episodes, start, act, args.eval_max_steps, frames)
+        results[f"task{task}_success"] = float(np.mean([info["success"] if info else 0.0 for info in last]))
         if video_dir is not None:
             save_video(frames, os.path.join(video_dir, f"step{step}_task{task}.mp4"))
     results["success"] = float(np.mean([results[f"task{t}_success"] for t in range(1, num_tasks + 1)]))
     policy.train()
     return results
+
+
+def episode_noise(generators, device):
+    """randn(*shape) -> [len(generators), *shape], row i from generators[i] (on the CPU): the noise of a batch of
+    evaluation episodes, each with its own stream, so that what an episode does not depend on the others."""
+    return lambda *shape: torch.stack([torch.randn(shape, generator=g) for g in generators]).to(device)
+
+
+def run_episodes(envs, num_episodes: int, start, act, max_steps: Optional[int], frames: Optional[list] = None):
+    """Episodes 0..num_episodes-1 on a fixed pool of envs (memory does not grow with the episode count): an env
+    that finishes takes the next waiting episode, `start(env, episode)` resets it and returns the first observation,
+    and `act(episodes, observations)` acts for all running episodes as one batch. Returns each episode's return,
+    success (max over its steps; nan where never reported) and final info (None where cut at max_steps); `frames`
+    collects the renders of episode 0."""
+    waiting, running, obs = iter(range(num_episodes)), [None] * len(envs), [None] * len(envs)
+    returns, success, steps = np.zeros(num_episodes), np.full(num_episodes, np.nan), np.zeros(num_episodes, int)
+    last = [None] * num_episodes
+
+    def take_next(k):
+        running[k] = next(waiting, None)
+        if running[k] is not None:
+            obs[k] = start(envs[k], running[k])
+
+    for k in range(len(envs)):
+        take_next(k)
+    while any(e is not None for e in running):
+        busy = [k for k, e in enumerate(running) if e is not None]
+        actions = act([running[k] for k in busy], [obs[k] for k in busy])
+        for k, action in zip(busy, actions):
+            e = running[k]
+            if frames is not None and e == 0:
+                frames.append(envs[k].render())
+            obs[k], reward, terminated, truncated, info = envs[k].step(action)
+            returns[e], steps[e] = returns[e] + reward, steps[e] + 1
+            if "success" in info:
+                success[e] = np.fmax(success[e], float(info["success"]))
+            if terminated or truncated:
+                last[e] = info
+            if terminated or truncated or steps[e] == max_steps:
+                take_next(k)
+    return returns, success, last
 
 
 def seeded_reset(env, seed: int, **options):
@@ -689,7 +728,8 @@ def resumed_args(args):
     if args.resume is None:
         return None, None, args
     checkpoint, path = load_checkpoint(args.resume)
-    keep = ("resume", "eval_only") + (("eval_episodes", "eval_max_steps", "capture_video") if args.eval_only else ())
+    keep = ("resume", "eval_only", "eval_envs")
+    keep += ("eval_episodes", "eval_max_steps", "capture_video") if args.eval_only else ()
     return checkpoint, path, dataclasses.replace(Args(**checkpoint["args"]), **{k: getattr(args, k) for k in keep})
 
 
@@ -736,7 +776,15 @@ def leave_together(world: int):
 
 
 def check_args(args: Args):
-    names = ("total_steps", "batch_size", "log_interval", "eval_interval", "eval_episodes", "save_interval")
+    names = (
+        "total_steps",
+        "batch_size",
+        "log_interval",
+        "eval_interval",
+        "eval_episodes",
+        "eval_envs",
+        "save_interval",
+    )
     names += ("learning_rate", "num_blocks", "hidden_dim", "rep_dim", "eval_max_steps", "flow_steps")
     problems = common_problems(args, names)
     if not 0 < args.gamma < 1:
@@ -764,9 +812,9 @@ def main(args: Args):
         raise SystemExit(f"--batch-size {args.batch_size} is larger than the {train.size:,} training transitions")
     num_tasks = len(env.unwrapped.task_infos)
     render = dict(render_mode="rgb_array", width=200, height=200) if args.capture_video else {}
-    envs = [
-        ogbench.make_env_and_datasets(args.env_id, env_only=True, **render) for _ in range(args.eval_episodes * is_main)
-    ]
+    pool = min(args.eval_envs, args.eval_episodes) * is_main
+    envs = [ogbench.make_env_and_datasets(args.env_id, env_only=True, **render) for _ in range(pool)]
+    del env  # not needed beyond its task count: an env holds ~150 MB on cube
 
     policy = POLICIES[args.policy](train.observations.shape[1], train.actions.shape[1], args).to(device)
     # fused: one kernel for all parameter tensors (on CPU ~5x faster than the default per-tensor loop)

@@ -143,7 +143,9 @@ class Args:
     eval_interval: int = 100_000
     """steps between evaluations, counted within each phase (also at 0 and at the end of each phase)"""
     eval_episodes: int = 50
-    """evaluation episodes, run as one batch"""
+    """evaluation episodes"""
+    eval_envs: int = 5
+    """environments the evaluation episodes take turns on, the actor batched over them (each holds ~150 MB on cube)"""
     eval_max_steps: Optional[int] = None
     """cap on evaluation episode length (default: the environment's; lower only for quick checks)"""
     save_interval: int = 100_000
@@ -240,9 +242,10 @@ class FlowActor(Actor):
         actions, log_prob = self.flow.sample_with_log_prob(cond)
         return actions, log_prob, self.flow.log_prob(data_actions, cond)
 
-    def act(self, obs, generator: torch.Generator):
-        z = torch.randn(len(obs), self.flow.dim, generator=generator, device=obs.device)
-        return self.to_env_units(self.flow.sample(self.encoder(obs), z))
+    def act(self, obs, randn):
+        """Actions [B, a] in env units for obs [B, o]; randn(*shape) draws standard normals [B, *shape] (in
+        evaluation one stream per episode, see episode_noise)."""
+        return self.to_env_units(self.flow.sample(self.encoder(obs), randn(self.flow.dim)))
 
 
 class GaussianActor(Actor):
@@ -268,7 +271,7 @@ class GaussianActor(Actor):
         actions = dist.rsample()
         return actions, dist.log_prob(actions).sum(-1), dist.log_prob(data_actions).sum(-1)
 
-    def act(self, obs, generator: torch.Generator):
+    def act(self, obs, randn):
         return self.to_env_units(self.distribution(obs).mean)
 
 
@@ -316,9 +319,8 @@ class FQLActor(Actor):
         loss = bc_flow_loss + bc_weight * distill_loss + q_loss
         return loss, dict(bc_flow_loss=bc_flow_loss, distill_loss=distill_loss, q_pi=q.mean())
 
-    def act(self, obs, generator: torch.Generator):
-        z = torch.randn(len(obs), self.action_dim, generator=generator, device=obs.device)
-        return self.to_env_units(self.one_step(torch.cat([obs, z], -1)))
+    def act(self, obs, randn):
+        return self.to_env_units(self.one_step(torch.cat([obs, randn(self.action_dim)], -1)))
 
 
 ACTORS = {"flow": FlowActor, "gaussian": GaussianActor, "fql": FQLActor}
@@ -654,41 +656,72 @@ def load_task(args: Args):
 def evaluate(
     actor, envs, obs_space, args: Args, device, step: int, video_dir: Optional[str], score_fn
 ) -> Dict[str, float]:
-    """Success rate (where the env reports success), mean return and normalised score (where defined) over one
-    episode per env; all envs run in lockstep, the actor batched, with fixed evaluation seeds."""
+    """Success rate (where the env reports success), mean return and normalised score (where defined) over
+    --eval-episodes episodes with fixed seeds on the pool of `envs`, the actor batched over the running ones."""
     actor.eval()
-    generator = torch.Generator(device=device).manual_seed(args.seed * 1_000_003 + step)  # not the training RNG
-    tqdm.write(f"evaluating at step {step}: {len(envs)} episodes ...")
-    obs = []
-    for i, env in enumerate(envs):
-        obs.append(flatten_observation(obs_space, seeded_reset(env, 100_000 + i)[0]))
-    obs, n = np.array(obs), len(envs)
-    active, returns, success, reports_success, frames = np.ones(n, bool), np.zeros(n), np.zeros(n), False, []
-    for _ in range(args.eval_max_steps or 10**9):
-        if not active.any():
-            break
-        idx = np.flatnonzero(active)
-        actions = actor.act(torch.as_tensor(obs[idx], dtype=torch.float32, device=device), generator).cpu().numpy()
-        if video_dir is not None and active[0]:
-            frames.append(envs[0].render())
-        for a, i in zip(actions, idx):
-            ob, reward, terminated, truncated, info = envs[i].step(a)
-            obs[i] = flatten_observation(obs_space, ob)
-            returns[i] += reward
-            if "success" in info:
-                reports_success = True
-                success[i] = max(success[i], float(info["success"]))
-            if terminated or truncated:
-                active[i] = False
+    tqdm.write(f"evaluating at step {step}: {args.eval_episodes} episodes ...")
+    seeds = [100_000 + i for i in range(args.eval_episodes)]  # the same for every run and step
+    noise = [torch.Generator().manual_seed(args.seed * 1_000_003 + step + 7_919 * s) for s in seeds]
+    frames = [] if video_dir is not None else None
+
+    def start(env, episode):
+        return seeded_reset(env, seeds[episode])[0]
+
+    def act(episodes, obs):
+        obs = np.array([flatten_observation(obs_space, o) for o in obs])
+        obs = torch.as_tensor(obs, dtype=torch.float32, device=device)
+        return actor.act(obs, episode_noise([noise[e] for e in episodes], device)).cpu().numpy()
+
+    returns, success, _ = run_episodes(envs, args.eval_episodes, start, act, args.eval_max_steps, frames)
     if video_dir is not None:
         save_video(frames, os.path.join(video_dir, f"step{step}.mp4"))
     actor.train()
-    score = float(np.mean(score_fn(returns))) if score_fn is not None else math.nan
     return {
-        "success": float(success.mean()) if reports_success else math.nan,
+        "success": float(np.nan_to_num(success).mean()) if not np.isnan(success).all() else math.nan,
         "return": float(returns.mean()),
-        "score": score,
+        "score": float(np.mean(score_fn(returns))) if score_fn is not None else math.nan,
     }
+
+
+def episode_noise(generators, device):
+    """randn(*shape) -> [len(generators), *shape], row i from generators[i] (on the CPU): the noise of a batch of
+    evaluation episodes, each with its own stream, so that what an episode does not depend on the others."""
+    return lambda *shape: torch.stack([torch.randn(shape, generator=g) for g in generators]).to(device)
+
+
+def run_episodes(envs, num_episodes: int, start, act, max_steps: Optional[int], frames: Optional[list] = None):
+    """Episodes 0..num_episodes-1 on a fixed pool of envs (memory does not grow with the episode count): an env
+    that finishes takes the next waiting episode, `start(env, episode)` resets it and returns the first observation,
+    and `act(episodes, observations)` acts for all running episodes as one batch. Returns each episode's return,
+    success (max over its steps; nan where never reported) and final info (None where cut at max_steps); `frames`
+    collects the renders of episode 0."""
+    waiting, running, obs = iter(range(num_episodes)), [None] * len(envs), [None] * len(envs)
+    returns, success, steps = np.zeros(num_episodes), np.full(num_episodes, np.nan), np.zeros(num_episodes, int)
+    last = [None] * num_episodes
+
+    def take_next(k):
+        running[k] = next(waiting, None)
+        if running[k] is not None:
+            obs[k] = start(envs[k], running[k])
+
+    for k in range(len(envs)):
+        take_next(k)
+    while any(e is not None for e in running):
+        busy = [k for k, e in enumerate(running) if e is not None]
+        actions = act([running[k] for k in busy], [obs[k] for k in busy])
+        for k, action in zip(busy, actions):
+            e = running[k]
+            if frames is not None and e == 0:
+                frames.append(envs[k].render())
+            obs[k], reward, terminated, truncated, info = envs[k].step(action)
+            returns[e], steps[e] = returns[e] + reward, steps[e] + 1
+            if "success" in info:
+                success[e] = np.fmax(success[e], float(info["success"]))
+            if terminated or truncated:
+                last[e] = info
+            if terminated or truncated or steps[e] == max_steps:
+                take_next(k)
+    return returns, success, last
 
 
 def seeded_reset(env, seed: int, **options):
@@ -940,7 +973,8 @@ def resumed_args(args):
     if args.resume is None:
         return None, None, args
     checkpoint, path = load_checkpoint(args.resume)
-    keep = ("resume", "eval_only") + (("eval_episodes", "eval_max_steps", "capture_video") if args.eval_only else ())
+    keep = ("resume", "eval_only", "eval_envs")
+    keep += ("eval_episodes", "eval_max_steps", "capture_video") if args.eval_only else ()
     return checkpoint, path, dataclasses.replace(Args(**checkpoint["args"]), **{k: getattr(args, k) for k in keep})
 
 
@@ -979,7 +1013,15 @@ def common_problems(args, positive) -> List[str]:
 
 
 def check_args(args: Args):
-    names = ("total_steps", "batch_size", "log_interval", "eval_interval", "eval_episodes", "save_interval")
+    names = (
+        "total_steps",
+        "batch_size",
+        "log_interval",
+        "eval_interval",
+        "eval_episodes",
+        "eval_envs",
+        "save_interval",
+    )
     names += ("learning_rate", "num_blocks", "hidden_dim", "rep_dim", "encoder_dim", "critic_dim", "eval_max_steps")
     names += ("flow_steps",)
     problems = common_problems(args, names)
@@ -1015,7 +1057,7 @@ def main(args: Args):
     rng = np.random.default_rng(args.seed)
 
     train_data, make_env, obs_space, score_fn = load_task(args)
-    envs = [make_env() for _ in range(args.eval_episodes)]
+    envs = [make_env() for _ in range(min(args.eval_envs, args.eval_episodes))]
     low, high = action_box(args.env_id, envs[0].action_space)
     train_data = dict(train_data, actions=scale_actions(train_data["actions"], low, high))
     replay = ReplayBuffer(train_data, device, capacity=args.online_steps)  # the offline data, then online transitions

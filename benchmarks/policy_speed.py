@@ -127,7 +127,7 @@ def main(args: Args):
 
         def act(b, policy=policy, generator=generator):
             with torch.no_grad():
-                policy.act(*observe(b), generator)
+                policy.act(*observe(b), lambda *s: torch.randn(b, *s, generator=generator, device=device))
 
         if name not in ("flow", "ddpm-100"):  # the same training step as flow+denoise and ddim-10
             jobs[(name, "train")] = train

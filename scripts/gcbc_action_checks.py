@@ -51,13 +51,13 @@ def main(args: Args):
         policy.load_state_dict(checkpoint["policy"])
         policy.eval()
         with torch.no_grad():  # as the evaluation calls it (the denoising step takes its own gradient)
-            error = (policy.act(obs, goals, torch.Generator().manual_seed(0)) - actions).square().mean().item()
+            randn = lambda *s: torch.randn(len(obs), *s, generator=torch.Generator().manual_seed(0))  # noqa: E731
+            error = (policy.act(obs, goals, randn) - actions).square().mean().item()
         line = f"{os.path.basename(run)} ({run_args.policy}): action MSE {error:.4f}"
         if run_args.policy == "flow" and args.no_denoise_eval:
             policy.use_denoise = False
-            envs = [
-                ogbench.make_env_and_datasets(run_args.env_id, env_only=True) for _ in range(run_args.eval_episodes)
-            ]
+            pool = min(run_args.eval_envs, run_args.eval_episodes)
+            envs = [ogbench.make_env_and_datasets(run_args.env_id, env_only=True) for _ in range(pool)]
             batch = (obs[:1024], actions[:1024], goals[:1024])
             val_batch = batch + (policy.draw(batch[1], torch.Generator().manual_seed(0)),)
             stats = nf_gcbc.evaluate(policy, envs, val_batch, run_args, torch.device("cpu"), args.step, None)

@@ -56,7 +56,7 @@ def rollout(policy, env, args, seed: int, generator):
         if t % args.exec_horizon == 0:
             obs = torch.as_tensor(history[None], dtype=torch.float32)
             with torch.no_grad():
-                chunk = policy.act(obs, generator)[0].numpy()
+                chunk = policy.act(obs, lambda *s: torch.randn(1, *s, generator=generator))[0].numpy()
         ob, _, terminated, truncated, info = env.step(chunk[t % args.exec_horizon])
         history[:-1], history[-1] = history[1:].copy(), ob
         path.append(ob)
@@ -109,7 +109,7 @@ def main(args: Args):
         obs = state.expand(args.samples, -1, -1).float()
         if a.policy != "gaussian":
             with torch.no_grad():
-                sampled = policy.act(obs, generator)[:, 0].numpy()
+                sampled = policy.act(obs, lambda *s: torch.randn(len(obs), *s, generator=generator))[:, 0].numpy()
             ax.scatter(*sampled.T, s=4, c=color, alpha=0.4, label=f"{a.policy} samples")
         else:
             with torch.no_grad():

@@ -87,7 +87,10 @@ def test_each_source_trains_evaluates_and_reloads(tmp_path, npz_dir, pointmaze_d
     reloaded.load_state_dict(checkpoint["policy"])
     obs = torch.randn(8, 2, obs_dim) * 3
     with torch.no_grad():
-        chunks = [p.act(obs, torch.Generator().manual_seed(3)) for p in (trained, reloaded)]
+        chunks = [
+            p.act(obs, lambda *s: torch.randn(len(obs), *s, generator=torch.Generator().manual_seed(3)))
+            for p in (trained, reloaded)
+        ]
     torch.testing.assert_close(chunks[0], chunks[1], rtol=0, atol=0)
     assert chunks[0].shape == (8, 3, action_dim)
     if source == "minari":  # actions come back in the environment's units, inside its box [-2, 2]
@@ -145,7 +148,7 @@ class ChunkOfIndices(torch.nn.Module):
         super().__init__()
         self.calls, self.histories = 0, []
 
-    def act(self, obs, generator):
+    def act(self, obs, randn):
         self.histories.append(obs[0, :, 0].tolist())
         chunk = self.calls + torch.tensor([0.0, 0.1, 0.2])
         self.calls += 1
@@ -153,7 +156,7 @@ class ChunkOfIndices(torch.nn.Module):
 
 
 def test_evaluation_executes_the_first_m_actions_of_each_chunk():
-    args = nf_bc.Args(obs_horizon=2, action_horizon=3, exec_horizon=2)
+    args = nf_bc.Args(obs_horizon=2, action_horizon=3, exec_horizon=2, eval_episodes=2)
     envs, policy = [CountingEnv(), CountingEnv()], ChunkOfIndices()
     stats = nf_bc.evaluate(policy, envs, envs[0].observation_space, None, args, torch.device("cpu"), 0, None, None)
     assert policy.calls == 3  # steps 0, 2 and 4 of a 5-step episode

@@ -47,7 +47,10 @@ def test_run_writes_evaluations_and_checkpoints_that_reload(tmp_path, pointmaze_
     reloaded.load_state_dict(checkpoint["policy"])
     obs, goals = torch.randn(8, 2) * 5, torch.randn(8, 2) * 5
     with torch.no_grad():
-        acts = [p.act(obs, goals, torch.Generator().manual_seed(3)) for p in (trained, reloaded)]
+        acts = [
+            p.act(obs, goals, lambda *s: torch.randn(8, *s, generator=torch.Generator().manual_seed(3)))
+            for p in (trained, reloaded)
+        ]
     torch.testing.assert_close(acts[0], acts[1], rtol=0, atol=0)
     assert (tmp_path / run_dir.split("/")[-1] / "args.json").exists()
 

@@ -12,7 +12,9 @@ SHARED = {
         "mlp", "save_video", "load_checkpoint", "save_checkpoint", "restore_rng", "run_directory", "RunLog",
         "non_finite_step",
     ],
-    ("nf_gcbc.py", "nf_bc.py", "nf_rlbc.py"): ["load_ogbench", "did_you_mean", "seeded_reset"],
+    ("nf_gcbc.py", "nf_bc.py", "nf_rlbc.py"): [
+        "load_ogbench", "did_you_mean", "seeded_reset", "episode_noise", "run_episodes",
+    ],
     ("nf_bc.py", "nf_rlbc.py"): ["flatten_observation", "load_minari", "scale_actions"],
     ("nf_gcbc.py", "nf_bc.py"): [
         "init_distributed", "agree", "leave_together", "lr_factor", "time_embedding", "matching_width",
