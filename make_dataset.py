@@ -322,6 +322,16 @@ _worker = {}  # per-process environment and helpers, built once by _init_worker
 
 
 def _init_worker(recipe: Recipe, episode_steps: int):
+    """Builds the process's environment and helpers; a failure is kept for _collect to raise (a failing initializer
+    makes multiprocessing.Pool restart its workers forever, so the run would hang instead of stopping)."""
+    _worker.clear()  # in-process collection (one worker) may follow an earlier run
+    try:
+        _build_worker(recipe, episode_steps)
+    except Exception as err:
+        _worker["error"] = f"{type(err).__name__}: {err}"
+
+
+def _build_worker(recipe: Recipe, episode_steps: int):
     import gymnasium
     import ogbench  # noqa: F401  (registers the environments)
 
@@ -331,7 +341,6 @@ def _init_worker(recipe: Recipe, episode_steps: int):
     if recipe.dataset_type == "multigoal":  # demonstrations end at the goal, which is the cell centre
         kwargs.update(terminate_at_goal=True, add_noise_to_goal=False)
     env = gymnasium.make(recipe.env_id, **kwargs)
-    _worker.clear()  # in-process collection (one worker) may follow an earlier run
     _worker.update(env=env, recipe=recipe)
     if recipe.dataset_type in ("play", "noisy"):
         _worker["oracles"] = make_oracles(env, recipe)
@@ -343,6 +352,8 @@ def _init_worker(recipe: Recipe, episode_steps: int):
 
 def _collect(job) -> Dict[str, np.ndarray]:
     """Collect episode `index` with its own seed (the same whichever process runs it)."""
+    if "error" in _worker:
+        raise ValueError(f"could not set up the environment of a collecting process ({_worker['error']})")
     seed, index = job
     env, recipe = _worker["env"], _worker["recipe"]
     for attempt in range(100):

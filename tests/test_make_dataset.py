@@ -200,3 +200,22 @@ def test_an_unwritable_directory_is_refused_before_collecting_and_stale_temporar
     stale.write_bytes(b"half a file")
     make_dataset.main(dataclasses.replace(args, dataset_dir=str(tmp_path)))
     assert not stale.exists() and "left by a run that was killed" in capsys.readouterr().out
+
+
+def test_a_collecting_process_that_cannot_start_stops_the_run_with_its_reason(tmp_path):
+    """A worker whose set-up fails (here: scipy, which OGBench's oracles import, is broken) ends the run with one
+    line; multiprocessing.Pool would otherwise restart such workers forever and the run would hang."""
+    broken = tmp_path / "broken" / "scipy"
+    broken.mkdir(parents=True)
+    (broken / "__init__.py").write_text("raise ImportError('scipy is broken on purpose')\n")
+    out = subprocess.run(
+        [sys.executable, "make_dataset.py", "cube-single-play-v0", "--dataset-dir", str(tmp_path / "data")]
+        + ["--num-transitions", "2000", "--num-workers", "2"],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=300,
+        env=dict(os.environ, PYTHONPATH=f"{tmp_path / 'broken'}{os.pathsep}{ROOT}"),
+    )
+    assert out.returncode != 0 and "Traceback" not in out.stderr
+    assert "could not set up the environment of a collecting process (ImportError: scipy is broken" in out.stderr
