@@ -390,8 +390,9 @@ class ChunkDataset:
         self.obs_index = torch.as_tensor(np.maximum(t + np.arange(1 - obs_horizon, 1), first[:, None]), device=device)
         self.action_index = torch.as_tensor(np.minimum(t + np.arange(action_horizon), last[:, None]), device=device)
 
-    def sample(self, batch_size: int, rng: np.random.Generator):
-        idx = torch.as_tensor(rng.integers(self.size, size=batch_size), device=self.observations.device)
+    def sample(self, batch_size: int, generator: torch.Generator):
+        """A batch drawn on the data's device by `generator` (no copy from the host per batch)."""
+        idx = torch.randint(self.size, (batch_size,), generator=generator, device=self.observations.device)
         return self.observations[self.obs_index[idx]], self.actions[self.action_index[idx]]
 
 
@@ -786,10 +787,12 @@ def load_checkpoint(path: str, flag: str = "--resume"):
     raise SystemExit(f"{flag} {path}: " + "; ".join(skipped))
 
 
-def save_checkpoint(run_dir: str, step: int, state: dict, args, rng: np.random.Generator):
+def save_checkpoint(run_dir: str, step: int, state: dict, args, sampler: torch.Generator):
     """checkpoints/step_{step}.pt, written atomically: a plain dict of `state`, the script that wrote it, the
-    run's arguments and its RNG states."""
-    rngs = {"torch_rng": torch.get_rng_state(), "numpy_rng": json.dumps(rng.bit_generator.state)}
+    run's arguments and its RNG states (the training noise's, on the CPU and the GPU, and the batch sampler's)."""
+    rngs = {"torch_rng": torch.get_rng_state(), "sampler_rng": sampler.get_state()}
+    if torch.cuda.is_initialized():  # the training noise drawn on the GPU
+        rngs["cuda_rng"] = torch.cuda.get_rng_state()
     state = dict(state, script=os.path.basename(__file__), args=dataclasses.asdict(args), **rngs)
     write_atomically(os.path.join(run_dir, "checkpoints", f"step_{step}.pt"), state)
 
@@ -806,9 +809,17 @@ def write_atomically(path: str, content):
     os.replace(tmp, path)
 
 
-def restore_rng(checkpoint: dict, rng: np.random.Generator):
+def restore_rng(checkpoint: dict, sampler: torch.Generator):
     torch.set_rng_state(checkpoint["torch_rng"])
-    rng.bit_generator.state = json.loads(checkpoint["numpy_rng"])
+    if "cuda_rng" in checkpoint and torch.cuda.is_available():
+        torch.cuda.set_rng_state(checkpoint["cuda_rng"])
+    try:
+        sampler.set_state(checkpoint["sampler_rng"])
+    except (KeyError, RuntimeError):  # an earlier version's checkpoint (NumPy drew its batches), or another device's
+        sampler.manual_seed(checkpoint["step"])
+        print(
+            "--resume: the checkpoint's batch sampler is from another version or device: the batches differ from here"
+        )
 
 
 def run_directory(args, checkpoint_path: Optional[str]) -> str:
@@ -1078,7 +1089,7 @@ def main(args: Args):
     rank, world, device = init_distributed(args)
     is_main = rank == 0  # the only process that evaluates, logs and saves
     torch.manual_seed(args.seed)
-    rng = np.random.default_rng(args.seed)
+    sampler = torch.Generator(device).manual_seed(args.seed)  # the batches, drawn where the data is
 
     train_data, val_data, envs, obs_space, score_fn = load_task(
         args, num_envs=min(args.eval_envs, args.eval_episodes) if is_main else 1
@@ -1101,7 +1112,7 @@ def main(args: Args):
     if checkpoint is not None:
         for part, key in ((policy, "policy"), (optimizer, "optimizer"), (scheduler, "scheduler")):
             part.load_state_dict(checkpoint[key])
-        restore_rng(checkpoint, rng)
+        restore_rng(checkpoint, sampler)
         start_step = checkpoint["step"]
     model = policy  # what the training step calls: the policy, or its DDP wrapper that averages gradients
     if world > 1:  # the buffers are constants: no need to broadcast them
@@ -1112,7 +1123,7 @@ def main(args: Args):
 
     val_batch = None
     if val is not None:  # one fixed validation batch
-        obs, actions = val.sample(1_024, np.random.default_rng(0))
+        obs, actions = val.sample(1_024, torch.Generator(device).manual_seed(0))
         val_batch = (obs, actions, policy.draw(actions, torch.Generator(device).manual_seed(0)))
     evaluate_at = functools.partial(evaluate, policy, envs, obs_space, val_batch, args, device, score_fn=score_fn)
     if args.eval_only:  # no training: evaluate the checkpoint and write the result beside its run
@@ -1139,7 +1150,7 @@ def main(args: Args):
     steps = range(start_step + 1, args.total_steps + 1)
     with StopSignals() as stop:
         for step in tqdm(steps, initial=start_step, total=args.total_steps, smoothing=0.05, disable=not is_main):
-            batch = train.sample(args.batch_size, rng)  # the global batch, the same in every process
+            batch = train.sample(args.batch_size, sampler)  # the global batch, the same in every process
             logs = update(model, policy, optimizer, scheduler, batch, share=share)
             first_bad = non_finite_step(first_bad, step, logs)
 
@@ -1165,7 +1176,7 @@ def main(args: Args):
                 state = dict(
                     policy=policy.state_dict(), optimizer=optimizer.state_dict(), scheduler=scheduler.state_dict()
                 )
-                save_checkpoint(run_dir, step, dict(state, step=step), args, rng)
+                save_checkpoint(run_dir, step, dict(state, step=step), args, sampler)
             if stopping:
                 log.close(stopped_by=f"{stop.caught} at step {step}")
                 leave_together(world)

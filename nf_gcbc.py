@@ -373,15 +373,18 @@ class GoalDataset:
         ends = np.flatnonzero(data["terminals"])  # the last transition of each trajectory
         if len(ends) == 0 or ends[-1] != self.size - 1:
             raise SystemExit("dataset: the last transition is not marked terminal (a truncated file, or not OGBench's)")
-        self.final = ends[np.searchsorted(ends, np.arange(self.size))]  # the end of each transition's trajectory
+        final = ends[np.searchsorted(ends, np.arange(self.size))]  # the end of each transition's trajectory
+        self.final = torch.as_tensor(final, device=device)
 
-    def sample_indices(self, batch_size: int, gamma: float, rng: np.random.Generator):
-        """Transition indices and their goals' indices: k ~ Geometric(1 - gamma) steps on, within the trajectory."""
-        idx = rng.integers(self.size, size=batch_size)
-        return idx, np.minimum(idx + rng.geometric(1 - gamma, size=batch_size), self.final[idx])
+    def sample_indices(self, batch_size: int, gamma: float, generator: torch.Generator):
+        """Transition indices and their goals' indices: k ~ Geometric(1 - gamma) steps on, within the trajectory;
+        drawn on the data's device by `generator` (no copy from the host per batch)."""
+        idx = torch.randint(self.size, (batch_size,), generator=generator, device=self.final.device)
+        k = torch.empty(batch_size, device=idx.device).geometric_(1 - gamma, generator=generator).long()
+        return idx, torch.minimum(idx + k, self.final[idx])
 
-    def sample(self, batch_size: int, gamma: float, rng: np.random.Generator):
-        idx, goal_idx = self.sample_indices(batch_size, gamma, rng)
+    def sample(self, batch_size: int, gamma: float, generator: torch.Generator):
+        idx, goal_idx = self.sample_indices(batch_size, gamma, generator)
         return self.observations[idx], self.actions[idx], self.observations[goal_idx]
 
 
@@ -520,10 +523,12 @@ def load_checkpoint(path: str, flag: str = "--resume"):
     raise SystemExit(f"{flag} {path}: " + "; ".join(skipped))
 
 
-def save_checkpoint(run_dir: str, step: int, state: dict, args, rng: np.random.Generator):
+def save_checkpoint(run_dir: str, step: int, state: dict, args, sampler: torch.Generator):
     """checkpoints/step_{step}.pt, written atomically: a plain dict of `state`, the script that wrote it, the
-    run's arguments and its RNG states."""
-    rngs = {"torch_rng": torch.get_rng_state(), "numpy_rng": json.dumps(rng.bit_generator.state)}
+    run's arguments and its RNG states (the training noise's, on the CPU and the GPU, and the batch sampler's)."""
+    rngs = {"torch_rng": torch.get_rng_state(), "sampler_rng": sampler.get_state()}
+    if torch.cuda.is_initialized():  # the training noise drawn on the GPU
+        rngs["cuda_rng"] = torch.cuda.get_rng_state()
     state = dict(state, script=os.path.basename(__file__), args=dataclasses.asdict(args), **rngs)
     write_atomically(os.path.join(run_dir, "checkpoints", f"step_{step}.pt"), state)
 
@@ -540,9 +545,17 @@ def write_atomically(path: str, content):
     os.replace(tmp, path)
 
 
-def restore_rng(checkpoint: dict, rng: np.random.Generator):
+def restore_rng(checkpoint: dict, sampler: torch.Generator):
     torch.set_rng_state(checkpoint["torch_rng"])
-    rng.bit_generator.state = json.loads(checkpoint["numpy_rng"])
+    if "cuda_rng" in checkpoint and torch.cuda.is_available():
+        torch.cuda.set_rng_state(checkpoint["cuda_rng"])
+    try:
+        sampler.set_state(checkpoint["sampler_rng"])
+    except (KeyError, RuntimeError):  # an earlier version's checkpoint (NumPy drew its batches), or another device's
+        sampler.manual_seed(checkpoint["step"])
+        print(
+            "--resume: the checkpoint's batch sampler is from another version or device: the batches differ from here"
+        )
 
 
 def run_directory(args, checkpoint_path: Optional[str]) -> str:
@@ -804,7 +817,7 @@ def main(args: Args):
     rank, world, device = init_distributed(args)
     is_main = rank == 0  # the only process that evaluates, logs and saves
     torch.manual_seed(args.seed)
-    rng = np.random.default_rng(args.seed)
+    sampler = torch.Generator(device).manual_seed(args.seed)  # the batches, drawn where the data is
 
     env, train_data, val_data = load_ogbench(args.env_id, args.dataset_dir, False, args.make_dataset)
     train, val = GoalDataset(train_data, device), GoalDataset(val_data, device)
@@ -824,7 +837,7 @@ def main(args: Args):
     if checkpoint is not None:
         for part, key in ((policy, "policy"), (optimizer, "optimizer"), (scheduler, "scheduler")):
             part.load_state_dict(checkpoint[key])
-        restore_rng(checkpoint, rng)
+        restore_rng(checkpoint, sampler)
         start_step = checkpoint["step"]
     model = policy  # what the training step calls: the policy, or its DDP wrapper that averages gradients
     if world > 1:  # the buffers are constants: no need to broadcast them
@@ -833,7 +846,7 @@ def main(args: Args):
     if args.compile:  # the training step's model as one graph; evaluation stays eager
         model = torch.compile(model)
 
-    obs, actions, goals = val.sample(1_024, args.gamma, np.random.default_rng(0))  # one fixed validation batch
+    obs, actions, goals = val.sample(1_024, args.gamma, torch.Generator(device).manual_seed(0))  # fixed validation
     val_batch = (obs, actions, goals, policy.draw(actions, torch.Generator(device).manual_seed(0)))
     evaluate_at = functools.partial(evaluate, policy, envs, val_batch, args, device)  # (step, video_dir)
     if args.eval_only:  # no training: evaluate the checkpoint and write the result beside its run
@@ -855,7 +868,7 @@ def main(args: Args):
     steps = range(start_step + 1, args.total_steps + 1)
     with StopSignals() as stop:
         for step in tqdm(steps, initial=start_step, total=args.total_steps, smoothing=0.05, disable=not is_main):
-            batch = train.sample(args.batch_size, args.gamma, rng)  # the global batch, the same in every process
+            batch = train.sample(args.batch_size, args.gamma, sampler)  # the global batch, the same in every process
             logs = update(model, policy, optimizer, scheduler, batch, share=share)
             first_bad = non_finite_step(first_bad, step, logs)
 
@@ -881,7 +894,7 @@ def main(args: Args):
                 state = dict(
                     policy=policy.state_dict(), optimizer=optimizer.state_dict(), scheduler=scheduler.state_dict()
                 )
-                save_checkpoint(run_dir, step, dict(state, step=step), args, rng)
+                save_checkpoint(run_dir, step, dict(state, step=step), args, sampler)
             if stopping:
                 log.close(stopped_by=f"{stop.caught} at step {step}")
                 leave_together(world)

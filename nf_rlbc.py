@@ -549,14 +549,15 @@ class ReplayBuffer:
             raise SystemExit(f"dataset: {shapes} differ in length")
         self.data = {k: torch.cat([v, v.new_zeros((capacity,) + v.shape[1:])]) for k, v in offline.items()}
 
-    def sample(self, batch_size: int, rng: np.random.Generator, online_ratio: float = 0.0) -> Dict[str, torch.Tensor]:
+    def sample(self, batch_size: int, generator: torch.Generator, online_ratio: float = 0.0) -> Dict[str, torch.Tensor]:
+        """A batch drawn on the buffer's device by `generator` (no copy from the host per batch)."""
+        draw = functools.partial(torch.randint, generator=generator, device=self.data["rewards"].device)
         if online_ratio > 0 and self.size > self.offline_size:
             num_online = round(batch_size * online_ratio)
-            offline = rng.integers(self.offline_size, size=batch_size - num_online)
-            idx = np.concatenate([offline, rng.integers(self.offline_size, self.size, size=num_online)])
+            offline = draw(self.offline_size, (batch_size - num_online,))
+            idx = torch.cat([offline, draw(self.offline_size, self.size, (num_online,))])
         else:
-            idx = rng.integers(self.size, size=batch_size)
-        idx = torch.as_tensor(idx, device=self.data["rewards"].device)
+            idx = draw(self.size, (batch_size,))
         return dict({k: v[idx] for k, v in self.data.items()}, offline=(idx < self.offline_size).float())
 
     def add(self, **transition):
@@ -781,10 +782,12 @@ def load_checkpoint(path: str, flag: str = "--resume"):
     raise SystemExit(f"{flag} {path}: " + "; ".join(skipped))
 
 
-def save_checkpoint(run_dir: str, step: int, state: dict, args, rng: np.random.Generator):
+def save_checkpoint(run_dir: str, step: int, state: dict, args, sampler: torch.Generator):
     """checkpoints/step_{step}.pt, written atomically: a plain dict of `state`, the script that wrote it, the
-    run's arguments and its RNG states."""
-    rngs = {"torch_rng": torch.get_rng_state(), "numpy_rng": json.dumps(rng.bit_generator.state)}
+    run's arguments and its RNG states (the training noise's, on the CPU and the GPU, and the batch sampler's)."""
+    rngs = {"torch_rng": torch.get_rng_state(), "sampler_rng": sampler.get_state()}
+    if torch.cuda.is_initialized():  # the training noise drawn on the GPU
+        rngs["cuda_rng"] = torch.cuda.get_rng_state()
     state = dict(state, script=os.path.basename(__file__), args=dataclasses.asdict(args), **rngs)
     write_atomically(os.path.join(run_dir, "checkpoints", f"step_{step}.pt"), state)
 
@@ -801,9 +804,17 @@ def write_atomically(path: str, content):
     os.replace(tmp, path)
 
 
-def restore_rng(checkpoint: dict, rng: np.random.Generator):
+def restore_rng(checkpoint: dict, sampler: torch.Generator):
     torch.set_rng_state(checkpoint["torch_rng"])
-    rng.bit_generator.state = json.loads(checkpoint["numpy_rng"])
+    if "cuda_rng" in checkpoint and torch.cuda.is_available():
+        torch.cuda.set_rng_state(checkpoint["cuda_rng"])
+    try:
+        sampler.set_state(checkpoint["sampler_rng"])
+    except (KeyError, RuntimeError):  # an earlier version's checkpoint (NumPy drew its batches), or another device's
+        sampler.manual_seed(checkpoint["step"])
+        print(
+            "--resume: the checkpoint's batch sampler is from another version or device: the batches differ from here"
+        )
 
 
 def run_directory(args, checkpoint_path: Optional[str]) -> str:
@@ -1054,7 +1065,7 @@ def main(args: Args):
     check_args(args)
     device = torch.device("cuda" if args.cuda and torch.cuda.is_available() else "cpu")
     torch.manual_seed(args.seed)
-    rng = np.random.default_rng(args.seed)
+    sampler = torch.Generator(device).manual_seed(args.seed)  # the batches, drawn where the data is
 
     train_data, make_env, obs_space, score_fn = load_task(args)
     envs = [make_env() for _ in range(min(args.eval_envs, args.eval_episodes))]
@@ -1088,7 +1099,7 @@ def main(args: Args):
         with torch.no_grad():
             log_temperature.copy_(checkpoint["log_temperature"])
         replay.load_online_part(checkpoint["online_transitions"])
-        restore_rng(checkpoint, rng)
+        restore_rng(checkpoint, sampler)
     elif checkpoint is not None:  # --finetune-from: the networks and their optimisers, this command's learning rate
         for key in ("actor", "critic", "target_critic", "actor_optimizer", "critic_optimizer"):
             parts[key].load_state_dict(checkpoint[key])
@@ -1124,7 +1135,7 @@ def main(args: Args):
                     online_env = OnlineEnv(make_env(), obs_space, args.seed + env_steps(step - 1), device)
                 if episode := online_env.step(actor, replay):
                     log.scalars(step, episode, "online")
-            batch = replay.sample(args.batch_size, rng, args.online_ratio if online else 0.0)
+            batch = replay.sample(args.batch_size, sampler, args.online_ratio if online else 0.0)
             logs = update(batch, online=online, bc_weight=bc_weight_at(step, args), **agent, **settings)
             first_bad = non_finite_step(first_bad, step, logs)
 
@@ -1143,7 +1154,7 @@ def main(args: Args):
             if save_now:
                 state = {k: v.state_dict() for k, v in parts.items()} | {"log_temperature": log_temperature.detach()}
                 state |= {"online_transitions": replay.online_part(), "step": step, "env_steps": env_steps(step)}
-                save_checkpoint(run_dir, step, state, args, rng)
+                save_checkpoint(run_dir, step, state, args, sampler)
             if stop.caught is not None:
                 log.close(stopped_by=f"{stop.caught} at step {step}")
                 raise SystemExit(1)

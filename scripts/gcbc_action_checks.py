@@ -14,7 +14,6 @@ import sys
 from dataclasses import dataclass
 from typing import Tuple
 
-import numpy as np
 import ogbench
 import torch
 import tyro
@@ -45,7 +44,7 @@ def main(args: Args):
         run_args = nf_gcbc.Args(**checkpoint["args"])
         _, _, val_data = nf_gcbc.load_ogbench(run_args.env_id, args.dataset_dir, False)
         obs, actions, goals = nf_gcbc.GoalDataset(val_data, torch.device("cpu")).sample(
-            4_096, run_args.gamma, np.random.default_rng(0)
+            4_096, run_args.gamma, torch.Generator().manual_seed(0)
         )
         policy = nf_gcbc.POLICIES[run_args.policy](obs.shape[1], actions.shape[1], run_args)
         policy.load_state_dict(checkpoint["policy"])

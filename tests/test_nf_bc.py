@@ -121,7 +121,7 @@ def test_chunks_and_histories_stay_inside_their_episode():
         [5, 6, 6],
         [6, 6, 6],
     ]
-    obs, actions = dataset.sample(5, np.random.default_rng(0))
+    obs, actions = dataset.sample(5, torch.Generator().manual_seed(0))
     assert obs.shape == (5, 3, 1) and actions.shape == (5, 3, 1)
 
 

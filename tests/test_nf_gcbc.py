@@ -113,13 +113,13 @@ def test_goals_come_from_the_same_trajectory(pointmaze_dir):
     _, train, _ = ogbench.make_env_and_datasets(ENV, dataset_dir=pointmaze_dir)
     dataset = nf_gcbc.GoalDataset(train, torch.device("cpu"))
     trajectory = np.searchsorted(np.flatnonzero(train["terminals"]), np.arange(dataset.size))
-    idx, goal_idx = dataset.sample_indices(5_000, 0.97, np.random.default_rng(0))
+    idx, goal_idx = (i.numpy() for i in dataset.sample_indices(5_000, 0.97, torch.Generator().manual_seed(0)))
     assert (trajectory[goal_idx] == trajectory[idx]).all()
     offsets = goal_idx - idx
     assert offsets.min() >= 0 and (offsets > 0).mean() > 0.9  # 0 only at a trajectory's last transition
-    far = dataset.final[idx] - idx >= 200  # here the trajectory's end cuts almost no offset (0.97^199 = 0.2%)
+    far = dataset.final.numpy()[idx] - idx >= 200  # here the trajectory's end cuts almost no offset (0.97^199 = 0.2%)
     assert far.sum() > 500 and abs(offsets[far].mean() - 1 / 0.03) < 4  # geometric, mean 1 / (1 - gamma)
-    obs, actions, goals = dataset.sample(64, 0.97, np.random.default_rng(1))
+    obs, actions, goals = dataset.sample(64, 0.97, torch.Generator().manual_seed(1))
     assert obs.shape == goals.shape == (64, 2) and actions.shape == (64, 2)
 
 

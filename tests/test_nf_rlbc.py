@@ -196,7 +196,7 @@ def test_online_bc_weight_flags(tmp_path, pointmaze_dir):
 def test_online_batches_mix_offline_and_online_transitions_at_the_ratio():
     offline = {k: np.zeros((100, 1), np.float32) for k in nf_rlbc.ReplayBuffer.KEYS}
     replay = nf_rlbc.ReplayBuffer(offline, torch.device("cpu"), capacity=10)
-    rng = np.random.default_rng(0)
+    rng = torch.Generator().manual_seed(0)
     assert replay.sample(64, rng, online_ratio=0.5)["rewards"].shape == (64, 1)  # no online data yet: all offline
     for _ in range(3):
         replay.add(**{k: np.ones(1, np.float32) for k in nf_rlbc.ReplayBuffer.KEYS})
