@@ -241,3 +241,17 @@ def test_an_evaluation_episode_does_not_depend_on_what_the_env_did_before():
     np.testing.assert_array_equal(first[0][1]["goal"], first[1][1]["goal"])
     steps = [env.step(np.full(5, 0.3, np.float32))[0] for env in (used, fresh)]
     np.testing.assert_array_equal(steps[0], steps[1])
+
+
+def test_a_checkpoint_without_the_batch_samplers_state_resumes_with_a_note(tmp_path, pointmaze_dir, capsys):
+    """Checkpoints written before the batches were drawn on the device (by NumPy) have no sampler state: such a run
+    continues, and says that its batches differ from an uninterrupted run's from there."""
+    run_dir, _ = run(["--env-id", ENV, "--dataset-dir", pointmaze_dir, "--output-dir", str(tmp_path)] + QUICK)
+    path = f"{run_dir}/checkpoints/step_3.pt"
+    old = torch.load(path, weights_only=True)
+    del old["sampler_rng"]
+    torch.save(old, path)
+    os.remove(f"{run_dir}/checkpoints/step_6.pt")
+    run(["--resume", path])
+    assert "batch sampler is from another version or device" in capsys.readouterr().out
+    assert os.path.exists(f"{run_dir}/checkpoints/step_6.pt")
