@@ -10,6 +10,10 @@ Each of the T blocks applies, in the data -> latent direction,
 At D = 1 there is nothing to condition on, and affine maps of a Gaussian stay Gaussian, so the coupling
 there reads the context alone and follows the affine map with a monotone rational-quadratic spline
 (Durkan et al., 2019), which makes the 1-D flow multimodal. `num_bins` turns the spline on at any D.
+
+On GPUs keep float32 matrix products in full precision (PyTorch's default; do not set
+torch.backends.cuda.matmul.allow_tf32): TF32's 10-bit mantissa makes inverse(forward(x)) drift from x and
+biases the log-determinants, which are sums over every block.
 """
 
 import math
