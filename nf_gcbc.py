@@ -55,7 +55,7 @@ class Args:
     cuda: bool = True
     """use CUDA when it is available"""
     compile: bool = False
-    """torch.compile the networks of the training step (the first steps are slow while it compiles)"""
+    """torch.compile the training step's networks; on one GPU also capture the whole step as a CUDA graph"""
     track: bool = False
     """log to Weights & Biases"""
     wandb_project_name: str = "nf-rl"
@@ -257,14 +257,49 @@ def gcbc_loss(model, policy, obs, actions, goals, *, share: slice = slice(None))
     return model(obs[share], goals[share], actions[share], *(d[share] for d in draws)).mean()
 
 
-def update(model, policy, optimizer, scheduler, batch, *, share: slice = slice(None)):
+def update(model, policy, optimizer, batch, *, share: slice = slice(None)):
     """One AdamW step on a batch (obs, actions, goals); returns the loss for logging (not read here)."""
     loss = gcbc_loss(model, policy, *batch, share=share)
     optimizer.zero_grad(set_to_none=True)
     loss.backward()  # under DDP this also averages the gradients of all processes
     optimizer.step()
-    scheduler.step()
     return {"loss": loss.detach()}
+
+
+def cuda_graphed(step, batch, modules, optimizer):
+    """step(batch) -> logs, captured once as a CUDA graph and then replayed: one launch per training step instead of
+    hundreds (at these sizes a step is bound by kernel launches, not arithmetic). The batch is copied into the
+    graph's own tensors; the optimiser must be capturable, with its learning rate a device tensor (the schedule
+    changes it outside the graph). Warm-up steps run first on a side stream, as CUDA graphs need; then the modules'
+    weights and buffers, the optimiser's state and the CUDA RNG are put back, so training starts where it was."""
+    tensors = [t for m in modules for t in m.state_dict(keep_vars=True).values()]
+    saved, rng = [t.detach().clone() for t in tensors], torch.cuda.get_rng_state()
+    before = {id(t): t.clone() for s in optimizer.state.values() for t in s.values() if torch.is_tensor(t)}
+    static = [b.clone() for b in batch]
+    stream = torch.cuda.Stream()
+    stream.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(stream):
+        for _ in range(3):
+            step(static)
+    torch.cuda.current_stream().wait_stream(stream)
+    with torch.no_grad():
+        for t, value in zip(tensors, saved):
+            t.copy_(value)
+        for t in (t for s in optimizer.state.values() for t in s.values() if torch.is_tensor(t)):
+            t.copy_(before[id(t)]) if id(t) in before else t.zero_()  # state the warm-up created starts at zero
+    torch.cuda.set_rng_state(rng)
+    optimizer.zero_grad(set_to_none=True)  # the gradients are allocated inside the graph
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        logs = step(static)
+
+    def replay(batch):
+        for s, b in zip(static, batch):
+            s.copy_(b)
+        graph.replay()
+        return logs  # the graph's tensors: read them before the next replay
+
+    return replay
 
 
 def lr_factor(step: int, args: Args) -> float:
@@ -830,8 +865,12 @@ def main(args: Args):
     del env  # not needed beyond its task count: an env holds ~150 MB on cube
 
     policy = POLICIES[args.policy](train.observations.shape[1], train.actions.shape[1], args).to(device)
-    # fused: one kernel for all parameter tensors (on CPU ~5x faster than the default per-tensor loop)
-    optimizer = torch.optim.AdamW(policy.parameters(), args.learning_rate, weight_decay=args.weight_decay, fused=True)
+    graphed = args.compile and device.type == "cuda" and world == 1  # the whole step as one CUDA graph
+    # fused: one kernel for all parameter tensors (on CPU ~5x faster than the default per-tensor loop); in a CUDA
+    # graph the learning rate is a device tensor that the schedule changes in place
+    lr = torch.tensor(args.learning_rate, device=device) if graphed else args.learning_rate
+    kwargs = dict(weight_decay=args.weight_decay, fused=True, capturable=graphed)
+    optimizer = torch.optim.AdamW(policy.parameters(), lr, **kwargs)
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: lr_factor(step, args))
     start_step = 0
     if checkpoint is not None:
@@ -843,7 +882,7 @@ def main(args: Args):
     if world > 1:  # the buffers are constants: no need to broadcast them
         device_ids = [device.index] if device.type == "cuda" else None
         model = DistributedDataParallel(policy, device_ids=device_ids, broadcast_buffers=False)
-    if args.compile:  # the training step's model as one graph; evaluation stays eager
+    if args.compile:  # the training step's model compiled (on one GPU also captured, below); evaluation stays eager
         model = torch.compile(model)
 
     obs, actions, goals = val.sample(1_024, args.gamma, torch.Generator(device).manual_seed(0))  # fixed validation
@@ -865,11 +904,17 @@ def main(args: Args):
         log.evaluation(0, evaluate_at(0, log.video_dir))
     first_bad = torch.tensor(-1, device=device)
     share = slice(rank * args.batch_size // world, (rank + 1) * args.batch_size // world)  # this process's rows
+    train_step = functools.partial(update, model, policy, optimizer, share=share)
+    if graphed:  # warmed up and captured on a batch of its own: the sampler's stream is left alone
+        train_step = cuda_graphed(
+            train_step, train.sample(args.batch_size, args.gamma, torch.Generator(device)), [policy], optimizer
+        )
     steps = range(start_step + 1, args.total_steps + 1)
     with StopSignals() as stop:
         for step in tqdm(steps, initial=start_step, total=args.total_steps, smoothing=0.05, disable=not is_main):
             batch = train.sample(args.batch_size, args.gamma, sampler)  # the global batch, the same in every process
-            logs = update(model, policy, optimizer, scheduler, batch, share=share)
+            logs = train_step(batch)
+            scheduler.step()
             first_bad = non_finite_step(first_bad, step, logs)
 
             last = step == args.total_steps

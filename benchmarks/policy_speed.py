@@ -123,7 +123,8 @@ def main(args: Args):
         policies[name] = (policy, sum(p.numel() for p in trained))
 
         def train(policy=policy, optimizer=optimizer, scheduler=scheduler):
-            script.update(policy, policy, optimizer, scheduler, batch)
+            script.update(policy, policy, optimizer, batch)
+            scheduler.step()
 
         def act(b, policy=policy, generator=generator):
             with torch.no_grad():

@@ -328,8 +328,7 @@ def test_the_update_on_a_hand_built_batch(name):
     torch.manual_seed(1)  # the training loss draws from the global generator
     torch.testing.assert_close(nf_bc.bc_loss(policy, policy, histories, chunks), expected)
     optimizer = torch.optim.AdamW([p for p in policy.parameters() if p.requires_grad], lr=1e-3)
-    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: 1.0)
     torch.manual_seed(1)
-    logs = nf_bc.update(policy, policy, optimizer, scheduler, (histories, chunks))
+    logs = nf_bc.update(policy, policy, optimizer, (histories, chunks))
     torch.testing.assert_close(logs["loss"], expected.detach())
     assert explicit_loss(policy, histories, chunks, draws) < expected  # one step on the batch lowers its loss

@@ -17,7 +17,7 @@ SHARED = {
     ],
     ("nf_bc.py", "nf_rlbc.py"): ["flatten_observation", "load_minari", "scale_actions"],
     ("nf_gcbc.py", "nf_bc.py"): [
-        "init_distributed", "agree", "leave_together", "lr_factor", "time_embedding", "matching_width",
+        "init_distributed", "agree", "leave_together", "lr_factor", "time_embedding", "matching_width", "cuda_graphed",
     ],
 }  # fmt: skip
 
