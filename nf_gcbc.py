@@ -266,36 +266,44 @@ def update(model, policy, optimizer, batch, *, share: slice = slice(None)):
     return {"loss": loss.detach()}
 
 
-def cuda_graphed(step, batch, modules, optimizer):
+def cuda_graphed(step, batch, modules, optimizers):
     """step(batch) -> logs, captured once as a CUDA graph and then replayed: one launch per training step instead of
-    hundreds (at these sizes a step is bound by kernel launches, not arithmetic). The batch is copied into the
-    graph's own tensors; the optimiser must be capturable, with its learning rate a device tensor (the schedule
-    changes it outside the graph). Warm-up steps run first on a side stream, as CUDA graphs need; then the modules'
-    weights and buffers, the optimiser's state and the CUDA RNG are put back, so training starts where it was."""
+    hundreds (at these sizes a step is bound by kernel launches, not arithmetic). The batch (a sequence or a dict of
+    tensors) is copied into the graph's own tensors. The optimisers must be capturable, and a learning rate that a
+    schedule changes a device tensor. Warm-up steps run first on a side stream, as CUDA graphs need; then the
+    modules' weights and buffers, the optimisers' state and the CUDA RNG are put back, so training starts where it
+    was."""
     tensors = [t for m in modules for t in m.state_dict(keep_vars=True).values()]
     saved, rng = [t.detach().clone() for t in tensors], torch.cuda.get_rng_state()
-    before = {id(t): t.clone() for s in optimizer.state.values() for t in s.values() if torch.is_tensor(t)}
-    static = [b.clone() for b in batch]
+
+    def optimizer_state():
+        return [t for o in optimizers for s in o.state.values() for t in s.values() if torch.is_tensor(t)]
+
+    before = {id(t): t.clone() for t in optimizer_state()}
+    items = lambda b: b.items() if isinstance(b, dict) else enumerate(b)  # noqa: E731
+    static = {k: v.clone() for k, v in items(batch)}
+    graph_batch = static if isinstance(batch, dict) else list(static.values())
     stream = torch.cuda.Stream()
     stream.wait_stream(torch.cuda.current_stream())
     with torch.cuda.stream(stream):
         for _ in range(3):
-            step(static)
+            step(graph_batch)
     torch.cuda.current_stream().wait_stream(stream)
     with torch.no_grad():
         for t, value in zip(tensors, saved):
             t.copy_(value)
-        for t in (t for s in optimizer.state.values() for t in s.values() if torch.is_tensor(t)):
+        for t in optimizer_state():
             t.copy_(before[id(t)]) if id(t) in before else t.zero_()  # state the warm-up created starts at zero
     torch.cuda.set_rng_state(rng)
-    optimizer.zero_grad(set_to_none=True)  # the gradients are allocated inside the graph
+    for optimizer in optimizers:
+        optimizer.zero_grad(set_to_none=True)  # the gradients are allocated inside the graph
     graph = torch.cuda.CUDAGraph()
     with torch.cuda.graph(graph):
-        logs = step(static)
+        logs = step(graph_batch)
 
     def replay(batch):
-        for s, b in zip(static, batch):
-            s.copy_(b)
+        for k, v in items(batch):
+            static[k].copy_(v)
         graph.replay()
         return logs  # the graph's tensors: read them before the next replay
 
@@ -907,7 +915,7 @@ def main(args: Args):
     train_step = functools.partial(update, model, policy, optimizer, share=share)
     if graphed:  # warmed up and captured on a batch of its own: the sampler's stream is left alone
         train_step = cuda_graphed(
-            train_step, train.sample(args.batch_size, args.gamma, torch.Generator(device)), [policy], optimizer
+            train_step, train.sample(args.batch_size, args.gamma, torch.Generator(device)), [policy], [optimizer]
         )
     steps = range(start_step + 1, args.total_steps + 1)
     with StopSignals() as stop:

@@ -57,7 +57,7 @@ class Args:
     cuda: bool = True
     """use CUDA when it is available"""
     compile: bool = False
-    """torch.compile the networks of the training step (the first steps are slow while it compiles)"""
+    """torch.compile the training step's networks; on a GPU also capture the offline step as a CUDA graph"""
     track: bool = False
     """log to Weights & Biases"""
     wandb_project_name: str = "nf-rl"
@@ -391,6 +391,50 @@ def update(
         torch._foreach_lerp_(list(target_critic.parameters()), list(critic.parameters()), tau)
     logs = dict(critic_loss=critic_loss, actor_loss=actor_loss, q_mean=q.mean()) | logs
     return {k: v.detach() for k, v in logs.items()}
+
+
+def cuda_graphed(step, batch, modules, optimizers):
+    """step(batch) -> logs, captured once as a CUDA graph and then replayed: one launch per training step instead of
+    hundreds (at these sizes a step is bound by kernel launches, not arithmetic). The batch (a sequence or a dict of
+    tensors) is copied into the graph's own tensors. The optimisers must be capturable, and a learning rate that a
+    schedule changes a device tensor. Warm-up steps run first on a side stream, as CUDA graphs need; then the
+    modules' weights and buffers, the optimisers' state and the CUDA RNG are put back, so training starts where it
+    was."""
+    tensors = [t for m in modules for t in m.state_dict(keep_vars=True).values()]
+    saved, rng = [t.detach().clone() for t in tensors], torch.cuda.get_rng_state()
+
+    def optimizer_state():
+        return [t for o in optimizers for s in o.state.values() for t in s.values() if torch.is_tensor(t)]
+
+    before = {id(t): t.clone() for t in optimizer_state()}
+    items = lambda b: b.items() if isinstance(b, dict) else enumerate(b)  # noqa: E731
+    static = {k: v.clone() for k, v in items(batch)}
+    graph_batch = static if isinstance(batch, dict) else list(static.values())
+    stream = torch.cuda.Stream()
+    stream.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(stream):
+        for _ in range(3):
+            step(graph_batch)
+    torch.cuda.current_stream().wait_stream(stream)
+    with torch.no_grad():
+        for t, value in zip(tensors, saved):
+            t.copy_(value)
+        for t in optimizer_state():
+            t.copy_(before[id(t)]) if id(t) in before else t.zero_()  # state the warm-up created starts at zero
+    torch.cuda.set_rng_state(rng)
+    for optimizer in optimizers:
+        optimizer.zero_grad(set_to_none=True)  # the gradients are allocated inside the graph
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        logs = step(graph_batch)
+
+    def replay(batch):
+        for k, v in items(batch):
+            static[k].copy_(v)
+        graph.replay()
+        return logs  # the graph's tensors: read them before the next replay
+
+    return replay
 
 
 def bc_weight_at(step: int, args: Args) -> float:
@@ -1106,6 +1150,9 @@ def main(args: Args):
         for group in optimizers["actor"].param_groups + optimizers["critic"].param_groups:
             group["lr"] = args.learning_rate
     start_step = checkpoint["step"] if checkpoint is not None else 0
+    graphed = args.compile and device.type == "cuda"  # the offline step as one CUDA graph
+    for group in (g for o in optimizers.values() for g in o.param_groups):
+        group["capturable"] = graphed  # (after loading: a checkpoint brings its own setting)
 
     evaluate_at = functools.partial(evaluate, actor, envs, obs_space, args, device, score_fn=score_fn)
     if args.eval_only:  # no training: evaluate the checkpoint and write the result beside its run
@@ -1124,6 +1171,13 @@ def main(args: Args):
     def env_steps(step: int) -> int:
         return max(0, step - args.total_steps)
 
+    train_step = functools.partial(update, **agent, **settings)
+    offline_step = functools.partial(train_step, online=False, bc_weight=args.alpha)
+    if graphed and start_step < args.total_steps:  # warmed up and captured on a batch of its own
+        batch = replay.sample(args.batch_size, torch.Generator(device))
+        networks, captured = [actor, critic, target_critic], [optimizers["critic"], optimizers["actor"]]
+        offline_step = cuda_graphed(offline_step, batch, networks, captured)
+
     if not args.resume:  # the start of the run, or of a --finetune-from run's online phase
         log.evaluation(start_step, dict(evaluate_at(start_step, log.video_dir), env_steps=0))
     first_bad, online_env, total = torch.tensor(-1, device=device), None, args.total_steps + args.online_steps
@@ -1136,7 +1190,10 @@ def main(args: Args):
                 if episode := online_env.step(actor, replay):
                     log.scalars(step, episode, "online")
             batch = replay.sample(args.batch_size, sampler, args.online_ratio if online else 0.0)
-            logs = update(batch, online=online, bc_weight=bc_weight_at(step, args), **agent, **settings)
+            if online:
+                logs = train_step(batch, online=True, bc_weight=bc_weight_at(step, args))
+            else:
+                logs = offline_step(batch)
             first_bad = non_finite_step(first_bad, step, logs)
 
             phase_step, last = env_steps(step) if online else step, step in (args.total_steps, total)

@@ -57,7 +57,7 @@ class Args:
     min_time: float = 1.0
     """seconds each measurement repeats the step for, at least"""
     compile: bool = False
-    """also time the working tree's step with its networks compiled, as the script's --compile does"""
+    """also time the working tree's step compiled as the script's --compile does (CUDA: and captured as a graph)"""
 
 
 def load(revision: Optional[str]):
@@ -104,7 +104,10 @@ def step_function(module, policy: str, args: Args, device, compile: bool = False
         for network in (critic, target_critic, *actor.children()):
             network.compile()
     log_temperature = torch.zeros((), device=device, requires_grad=True)
-    adam = lambda params: torch.optim.Adam(params, lr=script_args.learning_rate, fused=True)  # noqa: E731
+    graphed = compile and device.type == "cuda" and hasattr(module, "cuda_graphed")  # as the script's --compile
+    adam = lambda params: torch.optim.Adam(  # noqa: E731
+        params, lr=script_args.learning_rate, fused=True, capturable=graphed
+    )
     optimizers = {"actor": adam(actor.parameters()), "critic": adam(critic.parameters())}
     optimizers["temperature"] = adam([log_temperature])
     batch = {
@@ -117,8 +120,8 @@ def step_function(module, policy: str, args: Args, device, compile: bool = False
     }
     settings = dict(discount=0.99, tau=0.005, q_agg="min", target_entropy=-float(a), entropy_weight=0.0)
 
-    def step():
-        module.update(
+    def update(batch):
+        return module.update(
             batch,
             actor=actor,
             critic=critic,
@@ -129,6 +132,13 @@ def step_function(module, policy: str, args: Args, device, compile: bool = False
             bc_weight=script_args.alpha,
             **settings,
         )
+
+    if graphed:
+        captured = [optimizers["critic"], optimizers["actor"]]
+        update = module.cuda_graphed(update, batch, [actor, critic, target_critic], captured)
+
+    def step():
+        update(batch)
 
     count = lambda m: sum(p.numel() for p in m.parameters())  # noqa: E731
     return step, count(actor), count(critic), script_args

@@ -4,8 +4,8 @@ offers, at the scripts' default network sizes, on CPU or CUDA (a benchmark).
 Each row is the script's own networks built from its own `Args`, its own `update` (with the scripts' fused
 optimisers) on a fixed synthetic batch of the real shapes (cube-single's 28-D observations and 5-D actions for the
 offline scripts, the point maze's 2-D ones for nf_goal_explore.py), so no dataset or environment is needed.
-"Compiled" is what the script's --compile does: torch.compile of its networks and, for nf_gcbc.py and nf_bc.py on
-CUDA, the whole step captured as a CUDA graph (nf_rlbc.py and nf_goal_explore.py: no graph yet). Latency: the
+"Compiled" is what the script's --compile does: torch.compile of its networks and, on CUDA, the whole step captured
+as a CUDA graph (nf_rlbc.py: its offline step; nf_goal_explore.py: no graph yet). Latency: the
 evaluation's `act` on one observation under no_grad (nf_goal_explore.py: its actor's action). All variants are
 timed in interleaved rounds, medians reported.
 
@@ -97,7 +97,7 @@ def offline_bc(script, policy: str, n: int, device, compile: bool):
 
     step = functools.partial(script.update, model, policy_net, optimizer)
     if graphed:
-        step = script.cuda_graphed(step, batch, [policy_net], optimizer)
+        step = script.cuda_graphed(step, batch, [policy_net], [optimizer])
 
     def train():
         step(batch)

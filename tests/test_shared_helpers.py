@@ -13,11 +13,11 @@ SHARED = {
     ],
     ("nf_gcbc.py", "nf_bc.py", "nf_rlbc.py"): [
         "load_ogbench", "did_you_mean", "seeded_reset", "episode_noise", "run_episodes", "save_checkpoint",
-        "restore_rng",
+        "restore_rng", "cuda_graphed",
     ],
     ("nf_bc.py", "nf_rlbc.py"): ["flatten_observation", "load_minari", "scale_actions"],
     ("nf_gcbc.py", "nf_bc.py"): [
-        "init_distributed", "agree", "leave_together", "lr_factor", "time_embedding", "matching_width", "cuda_graphed",
+        "init_distributed", "agree", "leave_together", "lr_factor", "time_embedding", "matching_width",
     ],
 }  # fmt: skip
 
