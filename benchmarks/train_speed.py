@@ -14,6 +14,7 @@ timed in interleaved rounds, medians reported.
     python benchmarks/train_speed.py --scripts nf_gcbc --threads 1
 """
 
+import copy
 import functools
 import os
 import statistics
@@ -90,10 +91,11 @@ def offline_bc(script, policy: str, n: int, device, compile: bool):
         observe = (0, 2)
     generator = torch.Generator(device).manual_seed(0)
     randn = lambda *shape: torch.randn(1, *shape, generator=generator, device=device)  # noqa: E731
+    acting = copy.deepcopy(policy_net).eval()  # as the evaluation acts: in eval mode (the flow caches its matrices)
 
     def act():
         with torch.no_grad():
-            policy_net.act(*(batch[i][:1] for i in observe), randn)
+            acting.act(*(batch[i][:1] for i in observe), randn)
 
     step = functools.partial(script.update, model, policy_net, optimizer)
     if graphed:
@@ -109,7 +111,7 @@ def offline_bc(script, policy: str, n: int, device, compile: bool):
 def rlbc(policy: str, n: int, device, compile: bool):
     """nf_rlbc: the offline update (critics, actor, target critics) as benchmarks/rlbc_speed.py times it."""
     step, _, _, _ = step_function(nf_rlbc, policy, RlbcSizes(batch_size=n), device, compile=compile)
-    actor = nf_rlbc.ACTORS[policy](28, 5, nf_rlbc.Args(policy=policy)).to(device)
+    actor = nf_rlbc.ACTORS[policy](28, 5, nf_rlbc.Args(policy=policy)).to(device).eval()
     generator, obs = torch.Generator(device).manual_seed(0), torch.randn(1, 28, device=device)
 
     def act():
@@ -141,9 +143,11 @@ def goal_explore(density_kind: str, n: int, device, compile: bool):
             batch, density=density, actor=actor, optimizers=optimizers, target_entropy=-1.0, **settings
         )
 
+    acting = copy.deepcopy(actor).eval()
+
     def act():
         with torch.no_grad():
-            actor.act(batch["observations"][:1], batch["goals"][:1])
+            acting.act(batch["observations"][:1], batch["goals"][:1])
 
     return step, act, density
 
