@@ -397,7 +397,7 @@ def cuda_graphed(step, batch, modules, optimizers):
     """step(batch) -> logs, captured once as a CUDA graph and then replayed: one launch per training step instead of
     hundreds (at these sizes a step is bound by kernel launches, not arithmetic). The batch (a sequence or a dict of
     tensors) is copied into the graph's own tensors. The optimisers must be capturable, and a learning rate that a
-    schedule changes a device tensor. Warm-up steps run first on a side stream, as CUDA graphs need; then the
+    schedule changes must be a device tensor. Warm-up steps run first on a side stream, as CUDA graphs need; then the
     modules' weights and buffers, the optimisers' state and the CUDA RNG are put back, so training starts where it
     was."""
     tensors = [t for m in modules for t in m.state_dict(keep_vars=True).values()]
@@ -730,7 +730,7 @@ def evaluate(
 
 def episode_noise(generators, device):
     """randn(*shape) -> [len(generators), *shape], row i from generators[i] (on the CPU): the noise of a batch of
-    evaluation episodes, each with its own stream, so that what an episode does not depend on the others."""
+    evaluation episodes, each with its own stream, so that what an episode draws does not depend on the others."""
     return lambda *shape: torch.stack([torch.randn(shape, generator=g) for g in generators]).to(device)
 
 
