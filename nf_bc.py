@@ -28,6 +28,7 @@ import glob
 import io
 import json
 import math
+import multiprocessing
 import os
 import signal
 import subprocess
@@ -705,8 +706,8 @@ def evaluate(
     noise = [torch.Generator().manual_seed(args.seed * 1_000_003 + step + 7_919 * s) for s in seeds]
     history, plan, t, frames = {}, {}, {}, [] if video_dir is not None else None
 
-    def start(env, episode):
-        ob = seeded_reset(env, seeds[episode])[0]
+    def start(reset, episode):
+        ob = reset(seeds[episode])[0]
         history[episode], t[episode] = np.repeat(flat(ob)[None], args.obs_horizon, 0), 0  # padded with the first
         return ob
 
@@ -739,11 +740,11 @@ def episode_noise(generators, device):
 
 
 def run_episodes(envs, num_episodes: int, start, act, max_steps: Optional[int], frames: Optional[list] = None):
-    """Episodes 0..num_episodes-1 on a fixed pool of envs (memory does not grow with the episode count): an env
-    that finishes takes the next waiting episode, `start(env, episode)` resets it and returns the first observation,
-    and `act(episodes, observations)` acts for all running episodes as one batch. Returns each episode's return,
-    success (max over its steps; nan where never reported) and final info (None where cut at max_steps); `frames`
-    collects the renders of episode 0."""
+    """Episodes 0..num_episodes-1 on an EnvPool (memory does not grow with the episode count): an env that finishes
+    takes the next waiting episode, `start(reset, episode)` resets it (reset(seed, **options) -> (obs, info)) and
+    returns the first observation, and `act(episodes, observations)` acts for all running episodes as one batch.
+    Returns each episode's return, success (max over its steps; nan where never reported) and final info (None
+    where cut at max_steps); `frames` collects the renders of episode 0."""
     waiting, running, obs = iter(range(num_episodes)), [None] * len(envs), [None] * len(envs)
     returns, success, steps = np.zeros(num_episodes), np.full(num_episodes, np.nan), np.zeros(num_episodes, int)
     last = [None] * num_episodes
@@ -751,18 +752,17 @@ def run_episodes(envs, num_episodes: int, start, act, max_steps: Optional[int], 
     def take_next(k):
         running[k] = next(waiting, None)
         if running[k] is not None:
-            obs[k] = start(envs[k], running[k])
+            obs[k] = start(functools.partial(envs.reset, k), running[k])
 
     for k in range(len(envs)):
         take_next(k)
     while any(e is not None for e in running):
         busy = [k for k, e in enumerate(running) if e is not None]
         actions = act([running[k] for k in busy], [obs[k] for k in busy])
-        for k, action in zip(busy, actions):
-            e = running[k]
-            if frames is not None and e == 0:
-                frames.append(envs[k].render())
-            obs[k], reward, terminated, truncated, info = envs[k].step(action)
+        if frames is not None and 0 in running:
+            frames.append(envs.render(running.index(0)))
+        for k, (ob, reward, terminated, truncated, info) in envs.step(dict(zip(busy, actions))).items():
+            e, obs[k] = running[k], ob
             returns[e], steps[e] = returns[e] + reward, steps[e] + 1
             if "success" in info:
                 success[e] = np.fmax(success[e], float(info["success"]))
@@ -771,6 +771,60 @@ def run_episodes(envs, num_episodes: int, start, act, max_steps: Optional[int], 
             if terminated or truncated or steps[e] == max_steps:
                 take_next(k)
     return returns, success, last
+
+
+class EnvPool:
+    """`size` evaluation envs from `make_env`, stepped in this process, or with `workers` > 0 spread over that many
+    processes that step their envs in parallel (make_env must then pickle: a functools.partial, not a lambda).
+    A reset runs seeded_reset where the env lives."""
+
+    def __init__(self, make_env, size: int, workers: int = 0):
+        self.size, self.envs, self.pipes = size, [], []
+        if not workers:
+            self.envs = [make_env() for _ in range(size)]
+        context = multiprocessing.get_context("spawn")  # a fork of a process that holds torch and MuJoCo is unsafe
+        for w in range(workers if size else 0):
+            pipe, child = context.Pipe()
+            context.Process(target=env_worker, args=(child, make_env, range(w, size, workers)), daemon=True).start()
+            self.pipes.append(pipe)
+
+    def __len__(self):
+        return self.size
+
+    def ask(self, k: int, *message):
+        pipe = self.pipes[k % len(self.pipes)]
+        pipe.send(message)
+        return pipe.recv()
+
+    def reset(self, k: int, seed: int, **options):
+        return self.ask(k, "reset", k, seed, options) if self.pipes else seeded_reset(self.envs[k], seed, **options)
+
+    def render(self, k: int):
+        return self.ask(k, "render", k) if self.pipes else self.envs[k].render()
+
+    def step(self, actions: Dict[int, np.ndarray]) -> Dict[int, tuple]:
+        """{env: action} -> {env: (obs, reward, terminated, truncated, info)}, the workers' envs in parallel."""
+        if not self.pipes:
+            return {k: self.envs[k].step(a) for k, a in actions.items()}
+        for w, pipe in enumerate(self.pipes):
+            pipe.send(("step", {k: a for k, a in actions.items() if k % len(self.pipes) == w}))
+        return {k: out for pipe in self.pipes for k, out in pipe.recv().items()}
+
+
+def env_worker(pipe, make_env, ks):
+    """A process of an EnvPool: makes envs ks, then resets, steps and renders them when asked, until its pool goes."""
+    envs = {k: make_env() for k in ks}
+    try:
+        while True:
+            command, *data = pipe.recv()
+            if command == "reset":
+                pipe.send(seeded_reset(envs[data[0]], data[1], **data[2]))
+            elif command == "step":
+                pipe.send({k: envs[k].step(a) for k, a in data[0].items()})
+            else:
+                pipe.send(envs[data[0]].render())
+    except EOFError:  # the pool's process ended
+        return
 
 
 def seeded_reset(env, seed: int, **options):
@@ -1172,7 +1226,8 @@ def main(args: Args):
     if val is not None:  # one fixed validation batch
         obs, actions = val.sample(1_024, torch.Generator(device).manual_seed(0))
         val_batch = (obs, actions, policy.draw(actions, torch.Generator(device).manual_seed(0)))
-    evaluate_at = functools.partial(evaluate, policy, envs, obs_space, val_batch, args, device, score_fn=score_fn)
+    pool = EnvPool(iter(envs).__next__, len(envs))  # the envs made above, stepped in this process
+    evaluate_at = functools.partial(evaluate, policy, pool, obs_space, val_batch, args, device, score_fn=score_fn)
     if args.eval_only:  # no training: evaluate the checkpoint and write the result beside its run
         return evaluate_only(path, start_step, evaluate_at, args), policy
 

@@ -23,6 +23,7 @@ import glob
 import io
 import json
 import math
+import multiprocessing
 import os
 import signal
 import subprocess
@@ -118,6 +119,8 @@ class Args:
     """evaluation episodes per task"""
     eval_envs: int = 5
     """environments the evaluation episodes take turns on, the policy batched over them (each holds ~150 MB on cube)"""
+    eval_workers: int = 0
+    """processes that step the evaluation envs in parallel (0: this process steps them)"""
     eval_max_steps: Optional[int] = None
     """cap on evaluation episode length (default: the environment's; lower only for quick checks)"""
     save_interval: int = 100_000
@@ -435,22 +438,23 @@ class GoalDataset:
 
 
 @torch.no_grad()
-def evaluate(policy, envs, val_batch, args: Args, device, step: int, video_dir: Optional[str]) -> Dict[str, float]:
-    """Success rate per task: --eval-episodes episodes of task k on the pool of `envs`, the policy batched over the
+def evaluate(
+    policy, envs, num_tasks: int, val_batch, args: Args, device, step: int, video_dir: Optional[str]
+) -> Dict[str, float]:
+    """Success rate per task: --eval-episodes episodes of task k on the EnvPool `envs`, the policy batched over the
     running ones; and the validation loss of one fixed batch (the NLL for the flow and the Gaussian)."""
     policy.eval()
     obs, actions, goals, draws = val_batch
     results = {"val_loss": policy.loss(obs, goals, actions, *draws).mean().item()}
     results["val_nll"] = results["val_loss"] if hasattr(policy, "log_prob") else math.nan
-    num_tasks = len(envs[0].unwrapped.task_infos)
     tqdm.write(f"evaluating at step {step}: {num_tasks} tasks x {args.eval_episodes} episodes ...")
     for task in range(1, num_tasks + 1):
         seeds = [100_000 * task + i for i in range(args.eval_episodes)]  # the same for every run and step
         noise = [torch.Generator().manual_seed(args.seed * 1_000_003 + step + 7_919 * s) for s in seeds]
         goals, frames = {}, [] if video_dir is not None else None
 
-        def start(env, episode):
-            ob, info = seeded_reset(env, seeds[episode], task_id=task, render_goal=False)
+        def start(reset, episode):
+            ob, info = reset(seeds[episode], task_id=task, render_goal=False)
             goals[episode] = info["goal"]
             return ob
 
@@ -475,11 +479,11 @@ def episode_noise(generators, device):
 
 
 def run_episodes(envs, num_episodes: int, start, act, max_steps: Optional[int], frames: Optional[list] = None):
-    """Episodes 0..num_episodes-1 on a fixed pool of envs (memory does not grow with the episode count): an env
-    that finishes takes the next waiting episode, `start(env, episode)` resets it and returns the first observation,
-    and `act(episodes, observations)` acts for all running episodes as one batch. Returns each episode's return,
-    success (max over its steps; nan where never reported) and final info (None where cut at max_steps); `frames`
-    collects the renders of episode 0."""
+    """Episodes 0..num_episodes-1 on an EnvPool (memory does not grow with the episode count): an env that finishes
+    takes the next waiting episode, `start(reset, episode)` resets it (reset(seed, **options) -> (obs, info)) and
+    returns the first observation, and `act(episodes, observations)` acts for all running episodes as one batch.
+    Returns each episode's return, success (max over its steps; nan where never reported) and final info (None
+    where cut at max_steps); `frames` collects the renders of episode 0."""
     waiting, running, obs = iter(range(num_episodes)), [None] * len(envs), [None] * len(envs)
     returns, success, steps = np.zeros(num_episodes), np.full(num_episodes, np.nan), np.zeros(num_episodes, int)
     last = [None] * num_episodes
@@ -487,18 +491,17 @@ def run_episodes(envs, num_episodes: int, start, act, max_steps: Optional[int], 
     def take_next(k):
         running[k] = next(waiting, None)
         if running[k] is not None:
-            obs[k] = start(envs[k], running[k])
+            obs[k] = start(functools.partial(envs.reset, k), running[k])
 
     for k in range(len(envs)):
         take_next(k)
     while any(e is not None for e in running):
         busy = [k for k, e in enumerate(running) if e is not None]
         actions = act([running[k] for k in busy], [obs[k] for k in busy])
-        for k, action in zip(busy, actions):
-            e = running[k]
-            if frames is not None and e == 0:
-                frames.append(envs[k].render())
-            obs[k], reward, terminated, truncated, info = envs[k].step(action)
+        if frames is not None and 0 in running:
+            frames.append(envs.render(running.index(0)))
+        for k, (ob, reward, terminated, truncated, info) in envs.step(dict(zip(busy, actions))).items():
+            e, obs[k] = running[k], ob
             returns[e], steps[e] = returns[e] + reward, steps[e] + 1
             if "success" in info:
                 success[e] = np.fmax(success[e], float(info["success"]))
@@ -507,6 +510,60 @@ def run_episodes(envs, num_episodes: int, start, act, max_steps: Optional[int], 
             if terminated or truncated or steps[e] == max_steps:
                 take_next(k)
     return returns, success, last
+
+
+class EnvPool:
+    """`size` evaluation envs from `make_env`, stepped in this process, or with `workers` > 0 spread over that many
+    processes that step their envs in parallel (make_env must then pickle: a functools.partial, not a lambda).
+    A reset runs seeded_reset where the env lives."""
+
+    def __init__(self, make_env, size: int, workers: int = 0):
+        self.size, self.envs, self.pipes = size, [], []
+        if not workers:
+            self.envs = [make_env() for _ in range(size)]
+        context = multiprocessing.get_context("spawn")  # a fork of a process that holds torch and MuJoCo is unsafe
+        for w in range(workers if size else 0):
+            pipe, child = context.Pipe()
+            context.Process(target=env_worker, args=(child, make_env, range(w, size, workers)), daemon=True).start()
+            self.pipes.append(pipe)
+
+    def __len__(self):
+        return self.size
+
+    def ask(self, k: int, *message):
+        pipe = self.pipes[k % len(self.pipes)]
+        pipe.send(message)
+        return pipe.recv()
+
+    def reset(self, k: int, seed: int, **options):
+        return self.ask(k, "reset", k, seed, options) if self.pipes else seeded_reset(self.envs[k], seed, **options)
+
+    def render(self, k: int):
+        return self.ask(k, "render", k) if self.pipes else self.envs[k].render()
+
+    def step(self, actions: Dict[int, np.ndarray]) -> Dict[int, tuple]:
+        """{env: action} -> {env: (obs, reward, terminated, truncated, info)}, the workers' envs in parallel."""
+        if not self.pipes:
+            return {k: self.envs[k].step(a) for k, a in actions.items()}
+        for w, pipe in enumerate(self.pipes):
+            pipe.send(("step", {k: a for k, a in actions.items() if k % len(self.pipes) == w}))
+        return {k: out for pipe in self.pipes for k, out in pipe.recv().items()}
+
+
+def env_worker(pipe, make_env, ks):
+    """A process of an EnvPool: makes envs ks, then resets, steps and renders them when asked, until its pool goes."""
+    envs = {k: make_env() for k in ks}
+    try:
+        while True:
+            command, *data = pipe.recv()
+            if command == "reset":
+                pipe.send(seeded_reset(envs[data[0]], data[1], **data[2]))
+            elif command == "step":
+                pipe.send({k: envs[k].step(a) for k, a in data[0].items()})
+            else:
+                pipe.send(envs[data[0]].render())
+    except EOFError:  # the pool's process ended
+        return
 
 
 def seeded_reset(env, seed: int, **options):
@@ -784,7 +841,7 @@ def resumed_args(args):
     if args.resume is None:
         return None, None, args
     checkpoint, path = load_checkpoint(args.resume)
-    keep = ("resume", "eval_only", "eval_envs")
+    keep = ("resume", "eval_only", "eval_envs", "eval_workers")
     keep += ("eval_episodes", "eval_max_steps", "capture_video") if args.eval_only else ()
     return checkpoint, path, dataclasses.replace(Args(**checkpoint["args"]), **{k: getattr(args, k) for k in keep})
 
@@ -847,6 +904,8 @@ def check_args(args: Args):
         problems.append("--gamma must lie in (0, 1)")
     if args.noise_std < 0:
         problems.append("--noise-std must be >= 0")
+    if args.eval_workers < 0:
+        problems.append("--eval-workers must be >= 0")
     if problems:
         raise SystemExit("; ".join(problems))
 
@@ -868,8 +927,8 @@ def main(args: Args):
         raise SystemExit(f"--batch-size {args.batch_size} is larger than the {train.size:,} training transitions")
     num_tasks = len(env.unwrapped.task_infos)
     render = dict(render_mode="rgb_array", width=200, height=200) if args.capture_video else {}
-    pool = min(args.eval_envs, args.eval_episodes) * is_main
-    envs = [ogbench.make_env_and_datasets(args.env_id, env_only=True, **render) for _ in range(pool)]
+    make_env = functools.partial(ogbench.make_env_and_datasets, args.env_id, env_only=True, **render)
+    envs = EnvPool(make_env, min(args.eval_envs, args.eval_episodes) * is_main, args.eval_workers)
     del env  # not needed beyond its task count: an env holds ~150 MB on cube
 
     policy = POLICIES[args.policy](train.observations.shape[1], train.actions.shape[1], args).to(device)
@@ -895,7 +954,7 @@ def main(args: Args):
 
     obs, actions, goals = val.sample(1_024, args.gamma, torch.Generator(device).manual_seed(0))  # fixed validation
     val_batch = (obs, actions, goals, policy.draw(actions, torch.Generator(device).manual_seed(0)))
-    evaluate_at = functools.partial(evaluate, policy, envs, val_batch, args, device)  # (step, video_dir)
+    evaluate_at = functools.partial(evaluate, policy, envs, num_tasks, val_batch, args, device)  # (step, video_dir)
     if args.eval_only:  # no training: evaluate the checkpoint and write the result beside its run
         return evaluate_only(path, start_step, evaluate_at, args), policy
 

@@ -27,6 +27,7 @@ import glob
 import io
 import json
 import math
+import multiprocessing
 import os
 import signal
 import subprocess
@@ -146,6 +147,8 @@ class Args:
     """evaluation episodes"""
     eval_envs: int = 5
     """environments the evaluation episodes take turns on, the actor batched over them (each holds ~150 MB on cube)"""
+    eval_workers: int = 0
+    """processes that step the evaluation envs in parallel (0: this process steps them)"""
     eval_max_steps: Optional[int] = None
     """cap on evaluation episode length (default: the environment's; lower only for quick checks)"""
     save_interval: int = 100_000
@@ -664,16 +667,13 @@ def scale_actions(actions: np.ndarray, low: np.ndarray, high: np.ndarray) -> np.
 
 
 def load_task(args: Args):
-    """The transitions, a function that makes one evaluation env, the observation space and the normalised score."""
+    """The transitions, a function that makes one evaluation env, the observation and action spaces and the
+    normalised score."""
     render = dict(render_mode="rgb_array", width=200, height=200) if args.capture_video else {}
     if args.source == "ogbench":
         env, train, _ = load_ogbench(args.env_id, args.dataset_dir, True, args.make_dataset)
-        return (
-            train,
-            lambda: ogbench.make_env_and_datasets(args.env_id, env_only=True, **render),
-            env.observation_space,
-            None,
-        )
+        make_env = functools.partial(ogbench.make_env_and_datasets, args.env_id, env_only=True, **render)
+        return train, make_env, env.observation_space, env.action_space, None
     dataset, train, _ = load_minari(args.env_id, val_every=0)
     space, fix = dataset.action_space, f"download it again: minari download {args.env_id}"
     check_data(train, f"Minari dataset {args.env_id}", fix, (space.low, space.high), None)
@@ -691,7 +691,7 @@ def load_task(args: Args):
             why = f"could not make the evaluation environment of {args.env_id} ({type(err).__name__}: {err})"
             raise SystemExit(f"{why}; install the package that provides it ({install})")
 
-    return train, make_minari_env, dataset.observation_space, score
+    return train, make_minari_env, dataset.observation_space, dataset.action_space, score
 
 
 # -------------------------------------------------------------------------------------------- evaluation
@@ -709,8 +709,8 @@ def evaluate(
     noise = [torch.Generator().manual_seed(args.seed * 1_000_003 + step + 7_919 * s) for s in seeds]
     frames = [] if video_dir is not None else None
 
-    def start(env, episode):
-        return seeded_reset(env, seeds[episode])[0]
+    def start(reset, episode):
+        return reset(seeds[episode])[0]
 
     def act(episodes, obs):
         obs = np.array([flatten_observation(obs_space, o) for o in obs])
@@ -735,11 +735,11 @@ def episode_noise(generators, device):
 
 
 def run_episodes(envs, num_episodes: int, start, act, max_steps: Optional[int], frames: Optional[list] = None):
-    """Episodes 0..num_episodes-1 on a fixed pool of envs (memory does not grow with the episode count): an env
-    that finishes takes the next waiting episode, `start(env, episode)` resets it and returns the first observation,
-    and `act(episodes, observations)` acts for all running episodes as one batch. Returns each episode's return,
-    success (max over its steps; nan where never reported) and final info (None where cut at max_steps); `frames`
-    collects the renders of episode 0."""
+    """Episodes 0..num_episodes-1 on an EnvPool (memory does not grow with the episode count): an env that finishes
+    takes the next waiting episode, `start(reset, episode)` resets it (reset(seed, **options) -> (obs, info)) and
+    returns the first observation, and `act(episodes, observations)` acts for all running episodes as one batch.
+    Returns each episode's return, success (max over its steps; nan where never reported) and final info (None
+    where cut at max_steps); `frames` collects the renders of episode 0."""
     waiting, running, obs = iter(range(num_episodes)), [None] * len(envs), [None] * len(envs)
     returns, success, steps = np.zeros(num_episodes), np.full(num_episodes, np.nan), np.zeros(num_episodes, int)
     last = [None] * num_episodes
@@ -747,18 +747,17 @@ def run_episodes(envs, num_episodes: int, start, act, max_steps: Optional[int], 
     def take_next(k):
         running[k] = next(waiting, None)
         if running[k] is not None:
-            obs[k] = start(envs[k], running[k])
+            obs[k] = start(functools.partial(envs.reset, k), running[k])
 
     for k in range(len(envs)):
         take_next(k)
     while any(e is not None for e in running):
         busy = [k for k, e in enumerate(running) if e is not None]
         actions = act([running[k] for k in busy], [obs[k] for k in busy])
-        for k, action in zip(busy, actions):
-            e = running[k]
-            if frames is not None and e == 0:
-                frames.append(envs[k].render())
-            obs[k], reward, terminated, truncated, info = envs[k].step(action)
+        if frames is not None and 0 in running:
+            frames.append(envs.render(running.index(0)))
+        for k, (ob, reward, terminated, truncated, info) in envs.step(dict(zip(busy, actions))).items():
+            e, obs[k] = running[k], ob
             returns[e], steps[e] = returns[e] + reward, steps[e] + 1
             if "success" in info:
                 success[e] = np.fmax(success[e], float(info["success"]))
@@ -767,6 +766,60 @@ def run_episodes(envs, num_episodes: int, start, act, max_steps: Optional[int], 
             if terminated or truncated or steps[e] == max_steps:
                 take_next(k)
     return returns, success, last
+
+
+class EnvPool:
+    """`size` evaluation envs from `make_env`, stepped in this process, or with `workers` > 0 spread over that many
+    processes that step their envs in parallel (make_env must then pickle: a functools.partial, not a lambda).
+    A reset runs seeded_reset where the env lives."""
+
+    def __init__(self, make_env, size: int, workers: int = 0):
+        self.size, self.envs, self.pipes = size, [], []
+        if not workers:
+            self.envs = [make_env() for _ in range(size)]
+        context = multiprocessing.get_context("spawn")  # a fork of a process that holds torch and MuJoCo is unsafe
+        for w in range(workers if size else 0):
+            pipe, child = context.Pipe()
+            context.Process(target=env_worker, args=(child, make_env, range(w, size, workers)), daemon=True).start()
+            self.pipes.append(pipe)
+
+    def __len__(self):
+        return self.size
+
+    def ask(self, k: int, *message):
+        pipe = self.pipes[k % len(self.pipes)]
+        pipe.send(message)
+        return pipe.recv()
+
+    def reset(self, k: int, seed: int, **options):
+        return self.ask(k, "reset", k, seed, options) if self.pipes else seeded_reset(self.envs[k], seed, **options)
+
+    def render(self, k: int):
+        return self.ask(k, "render", k) if self.pipes else self.envs[k].render()
+
+    def step(self, actions: Dict[int, np.ndarray]) -> Dict[int, tuple]:
+        """{env: action} -> {env: (obs, reward, terminated, truncated, info)}, the workers' envs in parallel."""
+        if not self.pipes:
+            return {k: self.envs[k].step(a) for k, a in actions.items()}
+        for w, pipe in enumerate(self.pipes):
+            pipe.send(("step", {k: a for k, a in actions.items() if k % len(self.pipes) == w}))
+        return {k: out for pipe in self.pipes for k, out in pipe.recv().items()}
+
+
+def env_worker(pipe, make_env, ks):
+    """A process of an EnvPool: makes envs ks, then resets, steps and renders them when asked, until its pool goes."""
+    envs = {k: make_env() for k in ks}
+    try:
+        while True:
+            command, *data = pipe.recv()
+            if command == "reset":
+                pipe.send(seeded_reset(envs[data[0]], data[1], **data[2]))
+            elif command == "step":
+                pipe.send({k: envs[k].step(a) for k, a in data[0].items()})
+            else:
+                pipe.send(envs[data[0]].render())
+    except EOFError:  # the pool's process ended
+        return
 
 
 def seeded_reset(env, seed: int, **options):
@@ -1028,7 +1081,7 @@ def resumed_args(args):
     if args.resume is None:
         return None, None, args
     checkpoint, path = load_checkpoint(args.resume)
-    keep = ("resume", "eval_only", "eval_envs")
+    keep = ("resume", "eval_only", "eval_envs", "eval_workers")
     keep += ("eval_episodes", "eval_max_steps", "capture_video") if args.eval_only else ()
     return checkpoint, path, dataclasses.replace(Args(**checkpoint["args"]), **{k: getattr(args, k) for k in keep})
 
@@ -1097,6 +1150,8 @@ def check_args(args: Args):
         )
     if args.finetune_from is not None and args.online_steps == 0:
         problems.append("--finetune-from starts an online phase: give it --online-steps N")
+    if args.eval_workers < 0 or (args.eval_workers and args.source == "minari"):
+        problems.append("--eval-workers must be >= 0, and 0 with --source minari (its envs do not pickle)")
     if problems:
         raise SystemExit("; ".join(problems))
 
@@ -1111,9 +1166,9 @@ def main(args: Args):
     torch.manual_seed(args.seed)
     sampler = torch.Generator(device).manual_seed(args.seed)  # the batches, drawn where the data is
 
-    train_data, make_env, obs_space, score_fn = load_task(args)
-    envs = [make_env() for _ in range(min(args.eval_envs, args.eval_episodes))]
-    low, high = action_box(args.env_id, envs[0].action_space)
+    train_data, make_env, obs_space, action_space, score_fn = load_task(args)
+    envs = EnvPool(make_env, min(args.eval_envs, args.eval_episodes), args.eval_workers)
+    low, high = action_box(args.env_id, action_space)
     train_data = dict(train_data, actions=scale_actions(train_data["actions"], low, high))
     replay = ReplayBuffer(train_data, device, capacity=args.online_steps)  # the offline data, then online transitions
     if args.batch_size > replay.size:

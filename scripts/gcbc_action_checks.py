@@ -9,6 +9,7 @@ drawn as in training. For flow runs with `--no-denoise-eval`: the run's evaluati
 tasks, episodes and evaluation seeds) with a plain flow sample instead of the denoised one.
 """
 
+import functools
 import os
 import sys
 from dataclasses import dataclass
@@ -42,7 +43,7 @@ def main(args: Args):
             raise SystemExit(f"{path} does not exist (--step?)")
         checkpoint, _ = nf_gcbc.load_checkpoint(path, "--runs")
         run_args = nf_gcbc.Args(**checkpoint["args"])
-        _, _, val_data = nf_gcbc.load_ogbench(run_args.env_id, args.dataset_dir, False)
+        env, _, val_data = nf_gcbc.load_ogbench(run_args.env_id, args.dataset_dir, False)
         obs, actions, goals = nf_gcbc.GoalDataset(val_data, torch.device("cpu")).sample(
             4_096, run_args.gamma, torch.Generator().manual_seed(0)
         )
@@ -55,11 +56,12 @@ def main(args: Args):
         line = f"{os.path.basename(run)} ({run_args.policy}): action MSE {error:.4f}"
         if run_args.policy == "flow" and args.no_denoise_eval:
             policy.use_denoise = False
-            pool = min(run_args.eval_envs, run_args.eval_episodes)
-            envs = [ogbench.make_env_and_datasets(run_args.env_id, env_only=True) for _ in range(pool)]
+            make_env = functools.partial(ogbench.make_env_and_datasets, run_args.env_id, env_only=True)
+            envs = nf_gcbc.EnvPool(make_env, min(run_args.eval_envs, run_args.eval_episodes))
             batch = (obs[:1024], actions[:1024], goals[:1024])
             val_batch = batch + (policy.draw(batch[1], torch.Generator().manual_seed(0)),)
-            stats = nf_gcbc.evaluate(policy, envs, val_batch, run_args, torch.device("cpu"), args.step, None)
+            num_tasks, device = len(env.unwrapped.task_infos), torch.device("cpu")
+            stats = nf_gcbc.evaluate(policy, envs, num_tasks, val_batch, run_args, device, args.step, None)
             line += f"; success without denoising {stats['success']:.3f}"
         print(line, flush=True)
 

@@ -102,6 +102,9 @@ step nf_gcbc 120 python3 nf_gcbc.py --env-id cube-single-play-v0 "${COMMON[@]}" 
 GCBC_RUN=$(ls -d $RUNS/cube-single-play-v0__nf_gcbc__* 2>/dev/null | head -1)
 if [[ -n "$GCBC_RUN" ]]; then  # 5 tasks x 50 episodes, the issue's evaluation target (60 s)
   step eval_250_episodes 150 python3 nf_gcbc.py --resume "$GCBC_RUN" --eval-only --eval-episodes 50 --eval-envs 50
+  cp "$GCBC_RUN"/eval_only_step_*.json "$OUT/eval_in_process.json" 2>/dev/null
+  step eval_250_episodes_8_workers 150 python3 nf_gcbc.py --resume "$GCBC_RUN" --eval-only --eval-episodes 50 \
+    --eval-envs 48 --eval-workers 8
 fi
 step nf_gcbc_compiled 150 python3 nf_gcbc.py --env-id cube-single-play-v0 "${COMMON[@]}" --eval-episodes 10 \
   --eval-envs 10 --compile --exp-name compiled
@@ -135,11 +138,12 @@ say "## Evaluations (the last row of each run's eval.csv)"
 for csv in $RUNS/*/eval.csv; do
   [[ -f "$csv" ]] && say "- $(basename "$(dirname "$csv")"): $(head -1 "$csv") = $(tail -1 "$csv")"
 done
-python3 - $RUNS/*/eval_only_step_*.json <<'EOF' 2>&1 | tee -a "$SUMMARY"
-import json, sys
-for path in sys.argv[1:]:
-    r = json.load(open(path))
-    print(f"- --eval-only, {r['episodes']} episodes per task: success {r['success']:.3f} (time: eval_250_episodes above)")
+python3 - "$OUT"/eval_in_process.json $RUNS/*/eval_only_step_*.json <<'EOF' 2>&1 | tee -a "$SUMMARY"
+import json, os, sys
+for path, how in zip(sys.argv[1:], ("in this process", "in 8 worker processes")):
+    if os.path.exists(path):
+        r = json.load(open(path))
+        print(f"- --eval-only {how}, {r['episodes']} episodes per task: success {r['success']:.3f} (times: above)")
 EOF
 say ""
 say "## Training speed (benchmarks/train_speed.py)"

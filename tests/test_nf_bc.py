@@ -158,7 +158,8 @@ class ChunkOfIndices(torch.nn.Module):
 def test_evaluation_executes_the_first_m_actions_of_each_chunk():
     args = nf_bc.Args(obs_horizon=2, action_horizon=3, exec_horizon=2, eval_episodes=2)
     envs, policy = [CountingEnv(), CountingEnv()], ChunkOfIndices()
-    stats = nf_bc.evaluate(policy, envs, envs[0].observation_space, None, args, torch.device("cpu"), 0, None, None)
+    pool = nf_bc.EnvPool(iter(envs).__next__, 2)
+    stats = nf_bc.evaluate(policy, pool, envs[0].observation_space, None, args, torch.device("cpu"), 0, None, None)
     assert policy.calls == 3  # steps 0, 2 and 4 of a 5-step episode
     np.testing.assert_allclose(envs[0].actions, [0.0, 0.1, 1.0, 1.1, 2.0])
     assert policy.histories == [[0, 0], [1, 2], [3, 4]]  # the first observation repeated, then the last two

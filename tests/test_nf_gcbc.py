@@ -264,3 +264,16 @@ def test_compiled_training_computes_what_eager_training_does(tmp_path, pointmaze
     compiled, _ = run(data + ["--output-dir", str(tmp_path / "compiled"), "--compile"] + QUICK)
     for key, value in params(f"{eager}/checkpoints/step_6.pt").items():
         torch.testing.assert_close(params(f"{compiled}/checkpoints/step_6.pt")[key], value, rtol=1e-4, atol=1e-5)
+
+
+def test_evaluation_in_worker_processes_writes_the_same_numbers(tmp_path, pointmaze_dir):
+    """--eval-workers 2: the evaluation envs step in two other processes; eval.csv is the same but for wall time."""
+    rows = []
+    for workers in ("0", "2"):
+        out = str(tmp_path / workers)
+        run_dir, _ = run(
+            ["--env-id", ENV, "--dataset-dir", pointmaze_dir, "--output-dir", out, "--eval-workers", workers] + QUICK
+        )
+        with open(f"{run_dir}/eval.csv") as f:
+            rows.append([{k: v for k, v in r.items() if k != "wall_time"} for r in csv.DictReader(f)])
+    assert rows[0] == rows[1] and len(rows[0]) == 3

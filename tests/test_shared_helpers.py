@@ -13,7 +13,7 @@ SHARED = {
     ],
     ("nf_gcbc.py", "nf_bc.py", "nf_rlbc.py"): [
         "load_ogbench", "did_you_mean", "seeded_reset", "episode_noise", "run_episodes", "save_checkpoint",
-        "restore_rng", "cuda_graphed",
+        "restore_rng", "cuda_graphed", "EnvPool", "env_worker",
     ],
     ("nf_bc.py", "nf_rlbc.py"): ["flatten_observation", "load_minari", "scale_actions"],
     ("nf_gcbc.py", "nf_bc.py"): [
