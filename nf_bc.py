@@ -780,10 +780,11 @@ class EnvPool:
 
     def __init__(self, make_env, size: int, workers: int = 0):
         self.size, self.envs, self.pipes = size, [], []
-        if not workers:
+        if not workers or not size:
             self.envs = [make_env() for _ in range(size)]
+            return
         context = multiprocessing.get_context("spawn")  # a fork of a process that holds torch and MuJoCo is unsafe
-        for w in range(workers if size else 0):
+        for w in range(workers):
             pipe, child = context.Pipe()
             context.Process(target=env_worker, args=(child, make_env, range(w, size, workers)), daemon=True).start()
             self.pipes.append(pipe)
@@ -1150,16 +1151,8 @@ def leave_together(world: int):
 
 
 def check_args(args: Args):
-    names = (
-        "total_steps",
-        "batch_size",
-        "log_interval",
-        "eval_interval",
-        "eval_episodes",
-        "eval_envs",
-        "save_interval",
-    )
-    names += ("obs_horizon", "action_horizon", "exec_horizon")
+    names = ("total_steps", "batch_size", "log_interval", "eval_interval", "eval_episodes", "save_interval")
+    names += ("obs_horizon", "action_horizon", "exec_horizon", "eval_envs")
     names += ("learning_rate", "num_blocks", "hidden_dim", "rep_dim", "eval_max_steps", "flow_steps", "diffusion_steps")
     problems = common_problems(args, names)
     if args.diffusion_steps > 100:

@@ -775,10 +775,11 @@ class EnvPool:
 
     def __init__(self, make_env, size: int, workers: int = 0):
         self.size, self.envs, self.pipes = size, [], []
-        if not workers:
+        if not workers or not size:
             self.envs = [make_env() for _ in range(size)]
+            return
         context = multiprocessing.get_context("spawn")  # a fork of a process that holds torch and MuJoCo is unsafe
-        for w in range(workers if size else 0):
+        for w in range(workers):
             pipe, child = context.Pipe()
             context.Process(target=env_worker, args=(child, make_env, range(w, size, workers)), daemon=True).start()
             self.pipes.append(pipe)
@@ -1121,17 +1122,9 @@ def common_problems(args, positive) -> List[str]:
 
 
 def check_args(args: Args):
-    names = (
-        "total_steps",
-        "batch_size",
-        "log_interval",
-        "eval_interval",
-        "eval_episodes",
-        "eval_envs",
-        "save_interval",
-    )
+    names = ("total_steps", "batch_size", "log_interval", "eval_interval", "eval_episodes", "save_interval")
     names += ("learning_rate", "num_blocks", "hidden_dim", "rep_dim", "encoder_dim", "critic_dim", "eval_max_steps")
-    names += ("flow_steps",)
+    names += ("flow_steps", "eval_envs")
     problems = common_problems(args, names)
     if not 0 <= args.discount < 1:
         problems.append("--discount must lie in [0, 1)")
@@ -1245,10 +1238,7 @@ def main(args: Args):
                 if episode := online_env.step(actor, replay):
                     log.scalars(step, episode, "online")
             batch = replay.sample(args.batch_size, sampler, args.online_ratio if online else 0.0)
-            if online:
-                logs = train_step(batch, online=True, bc_weight=bc_weight_at(step, args))
-            else:
-                logs = offline_step(batch)
+            logs = train_step(batch, online=True, bc_weight=bc_weight_at(step, args)) if online else offline_step(batch)
             first_bad = non_finite_step(first_bad, step, logs)
 
             phase_step, last = env_steps(step) if online else step, step in (args.total_steps, total)
