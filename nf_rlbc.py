@@ -782,7 +782,10 @@ class EnvPool:
         for w in range(workers):
             pipe, child = context.Pipe()
             context.Process(target=env_worker, args=(child, make_env, range(w, size, workers)), daemon=True).start()
+            child.close()  # the worker's end lives in the worker only, so its death ends our recv() with EOFError
             self.pipes.append(pipe)
+        for pipe in self.pipes:  # each worker says "ready" once its envs are made
+            self.receive(pipe)
 
     def __len__(self):
         return self.size
@@ -790,7 +793,18 @@ class EnvPool:
     def ask(self, k: int, *message):
         pipe = self.pipes[k % len(self.pipes)]
         pipe.send(message)
-        return pipe.recv()
+        return self.receive(pipe)
+
+    @staticmethod
+    def receive(pipe):
+        """A worker's reply; a worker's error (or its death) ends the run in one line."""
+        try:
+            reply = pipe.recv()
+        except EOFError:  # no error came back: the process was killed (out of memory?)
+            raise SystemExit("--eval-workers: an evaluation worker died; --eval-workers 0 steps the envs here")
+        if isinstance(reply, RuntimeError):
+            raise SystemExit(f"--eval-workers: an evaluation worker failed: {reply}")
+        return reply
 
     def reset(self, k: int, seed: int, **options):
         return self.ask(k, "reset", k, seed, options) if self.pipes else seeded_reset(self.envs[k], seed, **options)
@@ -804,13 +818,15 @@ class EnvPool:
             return {k: self.envs[k].step(a) for k, a in actions.items()}
         for w, pipe in enumerate(self.pipes):
             pipe.send(("step", {k: a for k, a in actions.items() if k % len(self.pipes) == w}))
-        return {k: out for pipe in self.pipes for k, out in pipe.recv().items()}
+        return {k: out for pipe in self.pipes for k, out in self.receive(pipe).items()}
 
 
 def env_worker(pipe, make_env, ks):
-    """A process of an EnvPool: makes envs ks, then resets, steps and renders them when asked, until its pool goes."""
-    envs = {k: make_env() for k in ks}
+    """A process of an EnvPool: makes envs ks, then resets, steps and renders them when asked, until its pool goes.
+    An error goes back to the pool as a RuntimeError with its message."""
     try:
+        envs = {k: make_env() for k in ks}
+        pipe.send("ready")
         while True:
             command, *data = pipe.recv()
             if command == "reset":
@@ -821,6 +837,8 @@ def env_worker(pipe, make_env, ks):
                 pipe.send(envs[data[0]].render())
     except EOFError:  # the pool's process ended
         return
+    except Exception as err:
+        pipe.send(RuntimeError(f"{type(err).__name__}: {' '.join(str(err).split())}"))
 
 
 def seeded_reset(env, seed: int, **options):

@@ -3,6 +3,7 @@ episodes come out whatever the pool size (the memory setting), and memory does n
 same up to float rounding: a matrix product may round a row differently in a batch of another size (~1e-7)."""
 
 import functools
+import os
 
 import gymnasium
 import numpy as np
@@ -131,3 +132,16 @@ def test_worker_processes_step_the_same_episodes_as_this_process():
     assert seen[0][1].keys() == seen[1][1].keys() == set(range(5))
     for e in range(5):
         np.testing.assert_array_equal(np.array(seen[0][1][e]), np.array(seen[1][1][e]))
+
+
+@pytest.mark.parametrize(
+    "make_env,says",
+    [
+        (functools.partial(ogbench.make_env_and_datasets, "nosuch-env-v0", env_only=True), "worker failed: "),
+        (functools.partial(os._exit, 3), "worker died"),
+    ],
+)
+def test_a_worker_that_fails_or_dies_stops_the_run_in_one_line(make_env, says):
+    with pytest.raises(SystemExit, match=f"--eval-workers: an evaluation {says}") as stop:
+        nf_rlbc.EnvPool(make_env, 2, workers=1)
+    assert "\n" not in str(stop.value)
