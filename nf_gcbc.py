@@ -274,9 +274,10 @@ def cuda_graphed(step, batch, modules, optimizers):
     hundreds (at these sizes a step is bound by kernel launches, not arithmetic). The batch (a sequence or a dict of
     tensors) is copied into the graph's own tensors. The optimisers must be capturable, and a learning rate that a
     schedule changes must be a device tensor. Warm-up steps run first on a side stream, as CUDA graphs need; then the
-    modules' weights and buffers, the optimisers' state and the CUDA RNG are put back, so training starts where it
-    was."""
-    tensors = [t for m in modules for t in m.state_dict(keep_vars=True).values()]
+    modules' weights and buffers (or bare tensors given in `modules`), the optimisers' state and the CUDA RNG are
+    put back, so training starts where it was."""
+    state = lambda m: m.state_dict(keep_vars=True).values() if isinstance(m, nn.Module) else [m]  # noqa: E731
+    tensors = [t for m in modules for t in state(m)]
     saved, rng = [t.detach().clone() for t in tensors], torch.cuda.get_rng_state()
 
     def optimizer_state():

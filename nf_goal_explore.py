@@ -55,7 +55,7 @@ class Args:
     cuda: bool = True
     """use CUDA when it is available"""
     compile: bool = False
-    """torch.compile the networks of the training step (the first steps are slow while it compiles)"""
+    """torch.compile the networks of the training step; on a GPU also capture the update as a CUDA graph"""
     track: bool = False
     """log to Weights & Biases"""
     wandb_project_name: str = "nf-rl"
@@ -274,6 +274,51 @@ def update(batch, *, density, actor, optimizers, log_temperature, condition_drop
     return {k: v.detach() for k, v in logs.items()} | {"temperature": temperature}
 
 
+def cuda_graphed(step, batch, modules, optimizers):
+    """step(batch) -> logs, captured once as a CUDA graph and then replayed: one launch per training step instead of
+    hundreds (at these sizes a step is bound by kernel launches, not arithmetic). The batch (a sequence or a dict of
+    tensors) is copied into the graph's own tensors. The optimisers must be capturable, and a learning rate that a
+    schedule changes must be a device tensor. Warm-up steps run first on a side stream, as CUDA graphs need; then the
+    modules' weights and buffers (or bare tensors given in `modules`), the optimisers' state and the CUDA RNG are
+    put back, so training starts where it was."""
+    state = lambda m: m.state_dict(keep_vars=True).values() if isinstance(m, nn.Module) else [m]  # noqa: E731
+    tensors = [t for m in modules for t in state(m)]
+    saved, rng = [t.detach().clone() for t in tensors], torch.cuda.get_rng_state()
+
+    def optimizer_state():
+        return [t for o in optimizers for s in o.state.values() for t in s.values() if torch.is_tensor(t)]
+
+    before = {id(t): t.clone() for t in optimizer_state()}
+    items = lambda b: b.items() if isinstance(b, dict) else enumerate(b)  # noqa: E731
+    static = {k: v.clone() for k, v in items(batch)}
+    graph_batch = static if isinstance(batch, dict) else list(static.values())
+    stream = torch.cuda.Stream()
+    stream.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(stream):
+        for _ in range(3):
+            step(graph_batch)
+    torch.cuda.current_stream().wait_stream(stream)
+    with torch.no_grad():
+        for t, value in zip(tensors, saved):
+            t.copy_(value)
+        for t in optimizer_state():
+            t.copy_(before[id(t)]) if id(t) in before else t.zero_()  # state the warm-up created starts at zero
+    torch.cuda.set_rng_state(rng)
+    for optimizer in optimizers:
+        optimizer.zero_grad(set_to_none=True)  # the gradients are allocated inside the graph
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        logs = step(graph_batch)
+
+    def replay(batch):
+        for k, v in items(batch):
+            static[k].copy_(v)
+        graph.replay()
+        return logs  # the graph's tensors: read them before the next replay
+
+    return replay
+
+
 @torch.no_grad()
 def marginal_log_density(density, goals: np.ndarray, rep_dim: int) -> np.ndarray:
     """log p(g) of x-y goals [M, 2]: the density under the dropped (zero) condition."""
@@ -295,9 +340,9 @@ def select_goals(
     return oracle_goals[rng.integers(len(oracle_goals), size=n)]
 
 
-def pick_goals(buffer, density, args: Args, task_goals: np.ndarray, rng: np.random.Generator) -> np.ndarray:
+def pick_goals(buffer, density, args: Args, task_goals: np.ndarray, rng: np.random.Generator, sampler) -> np.ndarray:
     """A goal for each environment, chosen by --goal-strategy among --num-candidates states from the buffer."""
-    candidates = buffer.sample_states(args.num_envs * args.num_candidates, rng).reshape(args.num_envs, -1, 2)
+    candidates = buffer.sample_states(args.num_envs * args.num_candidates, sampler).reshape(args.num_envs, -1, 2)
     log_density = functools.partial(marginal_log_density, density, rep_dim=args.rep_dim)
     return select_goals(args.goal_strategy, candidates, log_density, task_goals, rng)
 
@@ -306,68 +351,68 @@ def pick_goals(buffer, density, args: Args, task_goals: np.ndarray, rng: np.rand
 
 
 class TrajectoryBuffer:
-    """Whole episodes, one row each: observations [E, L + 1, obs_dim] and actions [E, L, action_dim]. The
-    num_envs episodes that run together fill num_envs rows; the oldest rows are overwritten."""
+    """Whole episodes, one row each: observations [E, L + 1, obs_dim] and actions [E, L, action_dim], on `device`
+    (on a GPU the batches are drawn there: no copy per update). The num_envs episodes that run together fill
+    num_envs rows; the oldest rows are overwritten. Draws take a torch.Generator on the same device."""
 
-    def __init__(self, capacity: int, length: int, obs_dim: int, action_dim: int, num_envs: int):
+    def __init__(self, capacity: int, length: int, obs_dim: int, action_dim: int, num_envs: int, device="cpu"):
         rows = capacity // length
         if rows < 2 * num_envs:
             why = f"--buffer-size {capacity} holds {rows} episodes of {length} steps, fewer than 2 x num_envs"
             raise SystemExit(f"{why} = {2 * num_envs} (raise --buffer-size to {2 * num_envs * length})")
-        self.observations = np.zeros((rows, length + 1, obs_dim), np.float32)
-        self.actions = np.zeros((rows, length, action_dim), np.float32)
-        self.lengths = np.zeros(rows, np.int64)  # transitions stored in each row
+        self.observations = torch.zeros((rows, length + 1, obs_dim), device=device)
+        self.actions = torch.zeros((rows, length, action_dim), device=device)
+        self.lengths = torch.zeros(rows, dtype=torch.int64, device=device)  # transitions stored in each row
         self.episodes = 0  # episodes started so far; row = episode index mod rows
-        self.rows = np.arange(num_envs)
+        self.rows = torch.arange(num_envs, device=device)
 
     def start_episodes(self, obs: np.ndarray):
-        self.rows = (self.episodes + np.arange(len(obs))) % len(self.lengths)
+        self.rows = (self.episodes + torch.arange(len(obs), device=self.lengths.device)) % len(self.lengths)
         self.episodes += len(obs)
         self.lengths[self.rows] = 0
-        self.observations[self.rows, 0] = obs
+        self.observations[self.rows, 0] = torch.as_tensor(obs, device=self.lengths.device)
 
-    def add(self, actions: np.ndarray, next_obs: np.ndarray):
+    def add(self, actions: torch.Tensor, next_obs: np.ndarray):
         t = self.lengths[self.rows]
         self.actions[self.rows, t] = actions
-        self.observations[self.rows, t + 1] = next_obs
+        self.observations[self.rows, t + 1] = torch.as_tensor(next_obs, device=self.lengths.device)
         self.lengths[self.rows] += 1
 
-    def sample(self, batch_size: int, discount: float, rng: np.random.Generator) -> Dict[str, np.ndarray]:
+    def sample(self, batch_size: int, discount: float, generator: torch.Generator) -> Dict[str, torch.Tensor]:
         """(s_t, a_t, g = x-y of s_{t+k}) with t uniform over stored transitions and k in 1..(steps left in the
         episode), P(k) proportional to discount^k: the discounted occupancy of future states."""
-        rows = rng.choice(len(self.lengths), size=batch_size, p=self.lengths / self.lengths.sum())
-        t = (rng.random(batch_size) * self.lengths[rows]).astype(np.int64)
-        left = self.lengths[rows] - t  # future observations t+1 .. length
-        u = rng.random(batch_size)  # inverse CDF of the geometric truncated to 1..left
-        k = 1 + np.floor(np.log1p(-u * (1 - discount**left)) / math.log(discount)).astype(np.int64)
-        k = np.clip(k, 1, left)
+        rand = functools.partial(torch.rand, batch_size, generator=generator, device=generator.device)
+        rows = torch.multinomial(self.lengths.float(), batch_size, replacement=True, generator=generator)
+        length = self.lengths[rows]
+        t = torch.minimum((rand() * length).long(), length - 1)
+        left = length - t  # future observations t+1 .. length
+        u = rand()  # inverse CDF of the geometric truncated to 1..left
+        k = 1 + torch.floor(torch.log1p(-u * (1 - discount ** left.float())) / math.log(discount)).long()
+        k = torch.minimum(k.clamp(min=1), left)
         goals = self.observations[rows, t + k, :2]
         return {"observations": self.observations[rows, t], "actions": self.actions[rows, t], "goals": goals}
 
-    def sample_states(self, n: int, rng: np.random.Generator) -> np.ndarray:
+    def sample_states(self, n: int, generator: torch.Generator) -> np.ndarray:
         """x-y of n stored observations, uniformly."""
-        started = np.arange(len(self.lengths)) < self.episodes  # rows that hold at least a first observation
-        counts = np.where(started, self.lengths + 1, 0)
-        rows = rng.choice(len(counts), size=n, p=counts / counts.sum())
-        t = (rng.random(n) * counts[rows]).astype(np.int64)
-        return self.observations[rows, t, :2]
+        started = torch.arange(len(self.lengths), device=self.lengths.device) < self.episodes  # holds a first obs
+        counts = torch.where(started, self.lengths + 1, 0)
+        rows = torch.multinomial(counts.float(), n, replacement=True, generator=generator)
+        rand = torch.rand(n, generator=generator, device=generator.device)
+        t = torch.minimum((rand * counts[rows]).long(), counts[rows] - 1)
+        return self.observations[rows, t, :2].cpu().numpy()
 
     def state_dict(self) -> Dict[str, torch.Tensor]:
         used = slice(0, min(self.episodes, len(self.lengths)))
-        arrays = {"observations": self.observations, "actions": self.actions, "lengths": self.lengths}
-        return {k: torch.from_numpy(v[used].copy()) for k, v in arrays.items()} | {"episodes": self.episodes}
+        tensors = {"observations": self.observations, "actions": self.actions, "lengths": self.lengths}
+        return {k: v[used].cpu().clone() for k, v in tensors.items()} | {"episodes": self.episodes}
 
     def load_state_dict(self, state: Dict[str, torch.Tensor]):
         n = len(state["lengths"])
-        self.observations[:n], self.actions[:n], self.lengths[:n] = (
-            state["observations"],
-            state["actions"],
-            state["lengths"],
-        )
+        for name in ("observations", "actions", "lengths"):
+            getattr(self, name)[:n] = state[name]
         self.episodes = int(state["episodes"])
-        self.rows = (self.episodes - len(self.rows) + np.arange(len(self.rows))) % len(
-            self.lengths
-        )  # the latest episodes
+        latest = self.episodes - len(self.rows) + torch.arange(len(self.rows), device=self.lengths.device)
+        self.rows = latest % len(self.lengths)  # the latest episodes
 
 
 # ------------------------------------------------------------------------------ environment and evaluation
@@ -487,8 +532,7 @@ def act_and_record(envs, actor, obs: np.ndarray, goals: np.ndarray, buffer: Traj
     with torch.no_grad():
         device = actor.xy_center.device
         actions = actor.sample(torch.as_tensor(obs, device=device), torch.as_tensor(goals, device=device))[0]
-    actions = actions.cpu().numpy()
-    obs, _, terminated, truncated, _ = envs.step(actions)
+    obs, _, terminated, truncated, _ = envs.step(actions.cpu().numpy())
     obs = obs.astype(np.float32)
     buffer.add(actions, obs)
     visits.add(obs[:, :2])
@@ -595,10 +639,14 @@ def load_checkpoint(path: str, flag: str = "--resume"):
     raise SystemExit(f"{flag} {path}: " + "; ".join(skipped))
 
 
-def save_checkpoint(run_dir: str, step: int, state: dict, args, rng: np.random.Generator):
+def save_checkpoint(run_dir: str, step: int, state: dict, args, rng: np.random.Generator, sampler: torch.Generator):
     """checkpoints/step_{step}.pt, written atomically: a plain dict of `state`, the script that wrote it, the
-    run's arguments and its RNG states."""
+    run's arguments and its RNG states (the training noise's on the CPU and the GPU, the goal choices' and the
+    batch sampler's)."""
     rngs = {"torch_rng": torch.get_rng_state(), "numpy_rng": json.dumps(rng.bit_generator.state)}
+    rngs["sampler_rng"] = sampler.get_state()
+    if torch.cuda.is_initialized():  # the training noise drawn on the GPU
+        rngs["cuda_rng"] = torch.cuda.get_rng_state()
     state = dict(state, script=os.path.basename(__file__), args=dataclasses.asdict(args), **rngs)
     write_atomically(os.path.join(run_dir, "checkpoints", f"step_{step}.pt"), state)
 
@@ -615,9 +663,18 @@ def write_atomically(path: str, content):
     os.replace(tmp, path)
 
 
-def restore_rng(checkpoint: dict, rng: np.random.Generator):
+def restore_rng(checkpoint: dict, rng: np.random.Generator, sampler: torch.Generator):
     torch.set_rng_state(checkpoint["torch_rng"])
     rng.bit_generator.state = json.loads(checkpoint["numpy_rng"])
+    if "cuda_rng" in checkpoint and torch.cuda.is_available():
+        torch.cuda.set_rng_state(checkpoint["cuda_rng"])
+    try:
+        sampler.set_state(checkpoint["sampler_rng"])
+    except (KeyError, RuntimeError):  # an earlier version's checkpoint (NumPy drew its batches), or another device's
+        sampler.manual_seed(checkpoint["updates"])
+        print(
+            "--resume: the checkpoint's batch sampler is from another version or device: the batches differ from here"
+        )
 
 
 def run_directory(args, checkpoint_path: Optional[str]) -> str:
@@ -854,7 +911,8 @@ def main(args: Args):
     check_args(args)
     device = torch.device("cuda" if args.cuda and torch.cuda.is_available() else "cpu")
     torch.manual_seed(args.seed)
-    rng = np.random.default_rng(args.seed)
+    rng = np.random.default_rng(args.seed)  # the goal choices (host side)
+    sampler = torch.Generator(device).manual_seed(args.seed)  # the batches and goal candidates, drawn on the device
 
     envs, eval_envs, geometry, length = make_envs(args)
     obs_dim, action_dim = envs.single_observation_space.shape[0], envs.single_action_space.shape[0]
@@ -872,7 +930,7 @@ def main(args: Args):
     parts = {"actor": actor, "density": density} | {f"{k}_optimizer": v for k, v in optimizers.items()}
     settings = dict(log_temperature=log_temperature, condition_drop=args.condition_drop, goal_noise=args.goal_noise)
     settings["target_entropy"] = -0.5 * action_dim if args.target_entropy is None else args.target_entropy
-    buffer = TrajectoryBuffer(args.buffer_size, length, obs_dim, action_dim, args.num_envs)
+    buffer = TrajectoryBuffer(args.buffer_size, length, obs_dim, action_dim, args.num_envs, device)
     visits = Visits(geometry, args.recent_goals)
     env_steps = updates = 0
     if checkpoint is not None:
@@ -882,8 +940,12 @@ def main(args: Args):
             log_temperature.copy_(checkpoint["log_temperature"])
         buffer.load_state_dict(checkpoint["buffer"])
         visits.load_state_dict(checkpoint)
-        restore_rng(checkpoint, rng)
+        restore_rng(checkpoint, rng, sampler)
         env_steps, updates = checkpoint["env_steps"], checkpoint["updates"]
+    graphed = args.compile and device.type == "cuda"  # the whole update as one CUDA graph, captured at its first batch
+    for group in (g for o in optimizers.values() for g in o.param_groups):
+        group["capturable"] = graphed  # (after loading: a checkpoint brings its own setting)
+    train_step = functools.partial(update, density=density, actor=actor, optimizers=optimizers, **settings)
 
     if args.eval_only:  # no training: evaluate the checkpoint and write the result beside its run
         evaluate_at = functools.partial(evaluate, actor, eval_envs, geometry, args, device)
@@ -897,7 +959,7 @@ def main(args: Args):
     where = f"resumed {run_dir} at environment step {env_steps}" if env_steps else f"writing to {run_dir}"
     print(f"{args.density} density, {size} parameters, {args.num_envs} x {args.env_id}, device {device}; {where}")
     evaluation = dict(actor=actor, envs=eval_envs, geometry=geometry, visits=visits, args=args, device=device, log=log)
-    next_goals = functools.partial(pick_goals, buffer, density, args, geometry.task_goals, rng)
+    next_goals = functools.partial(pick_goals, buffer, density, args, geometry.task_goals, rng, sampler)
 
     if checkpoint is not None and checkpoint["episode_step"] == 0:  # saved right after a reset: redo it, exactly
         obs = reset_envs(envs, buffer, args.seed, buffer.episodes // args.num_envs - 1, geometry.start_ij, record=False)
@@ -921,9 +983,10 @@ def main(args: Args):
                 goals, held = visits.sent(next_goals()), 0
 
             for _ in range(args.updates_per_step if env_steps >= args.learning_starts else 0):
-                batch = buffer.sample(args.batch_size, args.discount, rng)
-                batch = {k: torch.as_tensor(v, device=device) for k, v in batch.items()}
-                logs = update(batch, density=density, actor=actor, optimizers=optimizers, **settings)
+                batch = buffer.sample(args.batch_size, args.discount, sampler)
+                if graphed and isinstance(train_step, functools.partial):  # the first update: capture it
+                    train_step = cuda_graphed(train_step, batch, [density, actor, log_temperature], optimizers.values())
+                logs = train_step(batch)
                 updates += 1
                 first_bad = non_finite_step(first_bad, updates, logs)
 
@@ -942,7 +1005,8 @@ def main(args: Args):
                 state = {k: v.state_dict() for k, v in parts.items()} | visits.state_dict()
                 state |= dict(buffer=buffer.state_dict(), log_temperature=log_temperature.detach())
                 state |= dict(goals=torch.from_numpy(goals), held=held, episode_step=episode_step)
-                save_checkpoint(run_dir, env_steps, state | dict(env_steps=env_steps, updates=updates), args, rng)
+                state |= dict(env_steps=env_steps, updates=updates)
+                save_checkpoint(run_dir, env_steps, state, args, rng, sampler)
             if stop.caught is not None:  # a checkpoint inside an episode resumes with new episodes
                 log.close(stopped_by=f"{stop.caught} at environment step {env_steps}")
                 raise SystemExit(1)

@@ -5,7 +5,7 @@ Each row is the script's own networks built from its own `Args`, its own `update
 optimisers) on a fixed synthetic batch of the real shapes (cube-single's 28-D observations and 5-D actions for the
 offline scripts, the point maze's 2-D ones for nf_goal_explore.py), so no dataset or environment is needed.
 "Compiled" is what the script's --compile does: torch.compile of its networks and, on CUDA, the whole step captured
-as a CUDA graph (nf_rlbc.py: its offline step; nf_goal_explore.py: no graph yet). Latency: the
+as a CUDA graph (nf_rlbc.py: its offline step; nf_goal_explore.py: its update). Latency: the
 evaluation's `act` on one observation under no_grad (nf_goal_explore.py: its actor's action). All variants are
 timed in interleaved rounds, medians reported.
 
@@ -131,17 +131,23 @@ def goal_explore(density_kind: str, n: int, device, compile: bool):
     if compile:
         for module in (actor.net, density.encoder) + ((density.flow,) if density_kind == "flow" else ()):
             module.compile()
+    graphed = compile and device.type == "cuda"  # as the script: the whole update captured as a CUDA graph
     log_temperature = torch.zeros((), device=device, requires_grad=True)
-    adam = lambda params: torch.optim.Adam(params, lr=args.actor_learning_rate, fused=True)  # noqa: E731
-    optimizers = {"actor": adam(actor.parameters()), "density": adam(density.parameters())}
-    optimizers["temperature"] = adam([log_temperature])
+    adam = functools.partial(torch.optim.Adam, lr=args.actor_learning_rate, fused=True, capturable=graphed)
+    optimizers = {"actor": adam(actor.parameters()), "temperature": adam([log_temperature])}
+    optimizers["density"] = torch.optim.AdamW(
+        density.parameters(), args.learning_rate, weight_decay=args.weight_decay, fused=True, capturable=graphed
+    )
     batch = {k: torch.randn(n, d, device=device) for k, d in (("observations", o), ("actions", a), ("goals", 2))}
     settings = dict(log_temperature=log_temperature, condition_drop=args.condition_drop, goal_noise=args.goal_noise)
+    update = functools.partial(
+        nf_goal_explore.update, density=density, actor=actor, optimizers=optimizers, target_entropy=-1.0, **settings
+    )
+    if graphed:
+        update = nf_goal_explore.cuda_graphed(update, batch, [density, actor, log_temperature], optimizers.values())
 
     def step():
-        nf_goal_explore.update(
-            batch, density=density, actor=actor, optimizers=optimizers, target_entropy=-1.0, **settings
-        )
+        update(batch)
 
     acting = copy.deepcopy(actor).eval()
 

@@ -115,7 +115,9 @@ step nf_rlbc_fql 100 python3 nf_rlbc.py --env-id cube-single-play-singletask-tas
 step nf_bc 100 python3 nf_bc.py --source ogbench --env-id cube-single-play-singletask-task2-v0 "${COMMON[@]}" \
   --eval-episodes 10 --eval-envs 10
 step nf_goal_explore 100 python3 nf_goal_explore.py --env-id pointmaze-medium-v0 --output-dir $RUNS \
-  --total-env-steps "$STEPS" --eval-interval "$STEPS" --save-interval "$STEPS"
+  --total-env-steps "$STEPS" --eval-interval "$STEPS" --save-interval "$STEPS" --compile
+step train_speed_explore 120 python3 benchmarks/train_speed.py --device "$DEVICE" --compile --policies flow \
+  --scripts nf_goal_explore --rounds 3 --min-time 0.3
 
 say ""
 say "## --compile (on CUDA: the whole step as one CUDA graph) against eager, the same seed and batches"
@@ -147,7 +149,7 @@ for path, how in zip(sys.argv[1:], ("in this process", "in 8 worker processes"))
 EOF
 say ""
 say "## Training speed (benchmarks/train_speed.py)"
-for name in train_speed_eager train_speed_compiled; do
+for name in train_speed_eager train_speed_compiled train_speed_explore; do
   grep -E "^\||^training" "$OUT/$name.log" 2>/dev/null | tee -a "$SUMMARY"
   say ""
 done

@@ -137,10 +137,10 @@ def test_buffer_goals_are_future_states_of_the_same_episode_at_geometric_offsets
     for episode in range(3):  # x = episode index, y = time step: a goal's origin can be read off it
         buffer.start_episodes(np.array([[10 * episode + e, 0, 0] for e in range(2)], np.float32))
         for t in range(1, 201 if episode < 2 else 101):  # the third round stops half way
-            buffer.add(np.zeros((2, 1)), np.array([[10 * episode + e, t, 0] for e in range(2)], np.float32))
+            buffer.add(torch.zeros((2, 1)), np.array([[10 * episode + e, t, 0] for e in range(2)], np.float32))
     assert buffer.episodes == 6 and sorted(buffer.lengths.tolist()) == [100, 100, 200, 200]  # 2 rows overwritten
-    batch = buffer.sample(20_000, discount=0.97, rng=np.random.default_rng(0))
-    obs, goals = batch["observations"], batch["goals"]
+    batch = buffer.sample(20_000, discount=0.97, generator=torch.Generator().manual_seed(0))
+    obs, goals = batch["observations"].numpy(), batch["goals"].numpy()
     assert np.all(goals[:, 0] == obs[:, 0])  # the same episode
     offsets = goals[:, 1] - obs[:, 1]
     assert offsets.min() >= 1 and np.all(goals[:, 1] <= np.where(obs[:, 0] >= 20, 100, 200))
@@ -148,7 +148,7 @@ def test_buffer_goals_are_future_states_of_the_same_episode_at_geometric_offsets
     assert abs(offsets[far].mean() - 1 / 0.03) < 1.0
     assert abs(np.mean(offsets[far] == 1) - 0.03) < 0.01
     assert set(np.unique(obs[:, 0])) == {10, 11, 20, 21}  # the oldest round was overwritten
-    states = buffer.sample_states(5_000, np.random.default_rng(1))
+    states = buffer.sample_states(5_000, torch.Generator().manual_seed(1))
     assert set(np.unique(states[:, 0])) == {10, 11, 20, 21} and states[:, 1].max() <= 200
 
 
@@ -167,6 +167,19 @@ def test_resume_at_an_episode_boundary_matches_an_uninterrupted_run(tmp_path):
     assert torch.equal(a["cell_visits"], b["cell_visits"]) and torch.equal(a["log_temperature"], b["log_temperature"])
     drop = lambda rs: [{k: v for k, v in r.items() if k != "wall_time"} for r in rs]  # noqa: E731
     assert drop(rows(full)) == drop(rows(cut))
+
+
+def test_a_checkpoint_of_an_earlier_version_resumes_with_a_note(tmp_path, capsys):
+    """Checkpoints from before the batches were drawn on the device have no sampler state: they resume, with
+    other batches than the run would have drawn, and say so."""
+    full, _ = run(["--output-dir", str(tmp_path)] + QUICK)
+    os.remove(f"{full}/checkpoints/step_300.pt")
+    checkpoint = torch.load(f"{full}/checkpoints/step_200.pt", weights_only=True)
+    del checkpoint["sampler_rng"]
+    torch.save(checkpoint, f"{full}/checkpoints/step_200.pt")
+    run(["--resume", full])
+    assert "batch sampler is from another version or device" in capsys.readouterr().out
+    assert os.path.exists(f"{full}/checkpoints/step_300.pt")
 
 
 def test_same_seed_same_numbers(tmp_path):

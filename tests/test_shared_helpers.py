@@ -9,11 +9,11 @@ import pytest
 ROOT = pathlib.Path(__file__).resolve().parents[1]
 SHARED = {
     ("nf_gcbc.py", "nf_bc.py", "nf_rlbc.py", "nf_goal_explore.py"): [
-        "mlp", "save_video", "load_checkpoint", "run_directory", "RunLog", "non_finite_step",
+        "mlp", "save_video", "load_checkpoint", "run_directory", "RunLog", "non_finite_step", "cuda_graphed",
     ],
     ("nf_gcbc.py", "nf_bc.py", "nf_rlbc.py"): [
         "load_ogbench", "did_you_mean", "seeded_reset", "episode_noise", "run_episodes", "save_checkpoint",
-        "restore_rng", "cuda_graphed", "EnvPool", "env_worker",
+        "restore_rng", "EnvPool", "env_worker",
     ],
     ("nf_bc.py", "nf_rlbc.py"): ["flatten_observation", "load_minari", "scale_actions"],
     ("nf_gcbc.py", "nf_bc.py"): [
