@@ -228,3 +228,15 @@ def test_the_update_on_a_hand_built_batch():
     torch.testing.assert_close(logs["density_loss"], expected)
     assert log_temperature.item() != 0 and any(not torch.equal(a, b) for a, b in zip(actor_before, actor.parameters()))
     assert set(logs) == {"density_loss", "actor_loss", "log_occupancy", "entropy", "temperature"}
+
+
+def test_compiled_training_computes_what_eager_training_does(tmp_path):
+    """--compile (torch.compile of the networks; on a GPU the update is also captured as a CUDA graph, which
+    scripts/gpu_check.sh runs there) gives the eager run's weights within float tolerance."""
+    quick = QUICK[:5] + ["100"] + QUICK[6:]
+    eager, _ = run(["--output-dir", str(tmp_path / "eager")] + quick)
+    compiled, _ = run(["--output-dir", str(tmp_path / "compiled"), "--compile"] + quick)
+    a, b = (torch.load(f"{d}/checkpoints/step_100.pt", weights_only=True) for d in (eager, compiled))
+    for part in ("actor", "density"):
+        for key, value in a[part].items():
+            torch.testing.assert_close(b[part][key], value, rtol=1e-4, atol=1e-5, msg=f"{part}.{key}")
