@@ -8,6 +8,7 @@ import gymnasium
 import numpy as np
 import pytest
 import torch
+import torch._inductor.config
 import tyro
 from conftest import MINARI_ID
 
@@ -335,13 +336,13 @@ def test_the_update_on_a_hand_built_batch(name):
     assert explicit_loss(policy, histories, chunks, draws) < expected  # one step on the batch lowers its loss
 
 
-def test_compiled_training_computes_what_eager_training_does(tmp_path, npz_dir, pointmaze_dir, monkeypatch):
+def test_compiled_training_computes_what_eager_training_does(tmp_path, npz_dir, pointmaze_dir):
     """--compile (torch.compile of the policy's networks; on one GPU the whole step is also captured as a CUDA
     graph, which scripts/gpu_check.sh runs there) gives the eager run's weights within float tolerance. Compiled
     code draws its random numbers with its own generator unless told to fall back to eager's."""
-    monkeypatch.setattr(torch._inductor.config, "fallback_random", True)
     base = source_args("npz", npz_dir, pointmaze_dir) + QUICK
     eager, _ = run(base + ["--output-dir", str(tmp_path / "eager")])
-    compiled, _ = run(base + ["--output-dir", str(tmp_path / "compiled"), "--compile"])
+    with torch._inductor.config.patch(fallback_random=True):
+        compiled, _ = run(base + ["--output-dir", str(tmp_path / "compiled"), "--compile"])
     for key, value in params(f"{eager}/checkpoints/step_6.pt").items():
         torch.testing.assert_close(params(f"{compiled}/checkpoints/step_6.pt")[key], value, rtol=1e-4, atol=1e-5)

@@ -9,6 +9,7 @@ import shutil
 import numpy as np
 import pytest
 import torch
+import torch._inductor.config
 import tyro
 from conftest import MINARI_ID
 
@@ -394,14 +395,14 @@ def test_fql_one_step_policy_reproduces_the_bc_flow_when_alpha_is_large():
     assert near_a_mode > 0.9 and 0.35 < (flow[:, 0] > 0).float().mean() < 0.65  # both modes kept
 
 
-def test_compiled_training_computes_what_eager_training_does(tmp_path, pointmaze_dir, monkeypatch):
+def test_compiled_training_computes_what_eager_training_does(tmp_path, pointmaze_dir):
     """--compile (torch.compile of the critics and the actor's networks; on a GPU the offline step is also captured
     as a CUDA graph, which scripts/gpu_check.sh runs there) gives the eager run's weights within float tolerance.
     Compiled code draws its random numbers with its own generator unless told to fall back to eager's."""
-    monkeypatch.setattr(torch._inductor.config, "fallback_random", True)
     base = source_args("ogbench", pointmaze_dir) + QUICK
     eager, _ = run(base + ["--output-dir", str(tmp_path / "eager")])
-    compiled, _ = run(base + ["--output-dir", str(tmp_path / "compiled"), "--compile"])
+    with torch._inductor.config.patch(fallback_random=True):
+        compiled, _ = run(base + ["--output-dir", str(tmp_path / "compiled"), "--compile"])
     for part in ("actor", "critic", "target_critic"):
         expected = torch.load(f"{eager}/checkpoints/step_6.pt", weights_only=True)[part]
         got = torch.load(f"{compiled}/checkpoints/step_6.pt", weights_only=True)[part]
