@@ -224,7 +224,8 @@ class Actor(nn.Module):
         offline = batch["offline"]
         bc_nll = -(data_log_prob * offline).sum() / offline.sum().clamp(min=1)
         loss = -q_pi.mean() + bc_weight * bc_nll + entropy_weight * log_prob.mean()
-        return loss, dict(bc_nll=bc_nll, q_pi=q_pi.mean(), log_prob=log_prob.mean())
+        outside = (actions.abs() > 1).float().mean()  # clipped: the critic's gradient no longer reaches them
+        return loss, dict(bc_nll=bc_nll, q_pi=q_pi.mean(), log_prob=log_prob.mean(), outside_box=outside)
 
 
 class FlowActor(Actor):
@@ -320,7 +321,8 @@ class FQLActor(Actor):
         q = critic(obs, pi.clamp(-1, 1)).mean(0)
         q_loss = -q.mean() / (q.abs().mean().detach() if self.normalize_q_loss else 1.0)
         loss = bc_flow_loss + bc_weight * distill_loss + q_loss
-        return loss, dict(bc_flow_loss=bc_flow_loss, distill_loss=distill_loss, q_pi=q.mean())
+        outside = (pi.abs() > 1).float().mean()
+        return loss, dict(bc_flow_loss=bc_flow_loss, distill_loss=distill_loss, q_pi=q.mean(), outside_box=outside)
 
     def act(self, obs, randn):
         return self.to_env_units(self.one_step(torch.cat([obs, randn(self.action_dim)], -1)))

@@ -60,6 +60,7 @@ RUNS = {  # name: (script, arguments)
     "bc_ogbench_flow": ("nf_bc.py", ["--source", "ogbench"] + RLBC[:2] + BC[2:] + TINY + EVAL),
     "rlbc_flow": ("nf_rlbc.py", RLBC + TINY + EVAL),
     "rlbc_gaussian": ("nf_rlbc.py", RLBC + TINY + EVAL + ["--policy", "gaussian"]),
+    "rlbc_fql": ("nf_rlbc.py", RLBC + TINY + EVAL + ["--policy", "fql", "--flow-steps", "3"]),
     "rlbc_flow_entropy_anneal": (
         "nf_rlbc.py",
         RLBC + TINY + EVAL + ["--entropy-weight", "0.1", "--online-bc", "anneal"],

@@ -300,6 +300,18 @@ def test_the_update_on_a_hand_built_batch(online):
         torch.testing.assert_close(new_target, old_target + 0.25 * (new_critic.detach() - old_target))
 
 
+def test_the_actors_log_the_share_of_their_actions_outside_the_box():
+    """train/outside_box: the share of action components that the clip to [-1, 1] cuts (the critic's gradient does
+    not reach them): here a Gaussian whose mean is 3 in one of two dimensions, with a tiny std."""
+    actor = nf_rlbc.GaussianActor(3, 2, nf_rlbc.Args(policy="gaussian", encoder_dim=16))
+    with torch.no_grad():
+        actor.head.weight.zero_()
+        actor.head.bias.copy_(torch.tensor([3.0, 0.0, -5.0, -5.0]))  # mean (3, 0), log-std -5
+    batch = {"observations": torch.randn(8, 3), "actions": torch.zeros(8, 2), "offline": torch.ones(8)}
+    _, logs = actor.loss(batch, TableCritic(), bc_weight=1.0, entropy_weight=0.0)
+    assert logs["outside_box"].item() == 0.5
+
+
 def test_fql_losses_on_a_hand_built_batch():
     """The distillation target is the BC flow's explicit Euler loop; the loss is flow matching + alpha *
     distillation - the critics' mean Q (divided by mean |Q| with --normalize-q-loss); samples have no density."""
@@ -327,6 +339,7 @@ def test_fql_losses_on_a_hand_built_batch():
         q_loss = -q.mean() / (q.abs().mean() if normalize else 1.0)
         torch.testing.assert_close(loss, bc_flow + 3.0 * distill + q_loss)
         torch.testing.assert_close(logs["distill_loss"], distill)
+        torch.testing.assert_close(logs["outside_box"], (pi.abs() > 1).float().mean())
     # the distillation target carries no gradient: the velocity field learns from flow matching alone
     actor.zero_grad()
     torch.manual_seed(1)
