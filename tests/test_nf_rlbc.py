@@ -236,7 +236,7 @@ def test_finetune_from_starts_online_from_an_offline_run(tmp_path, pointmaze_dir
             run(data + ["--output-dir", str(tmp_path / "bad")] + QUICK + argv)
 
 
-def test_value_picture_prints_v_at_the_start_and_the_given_points(tmp_path, pointmaze_dir, capsys):
+def test_the_value_picture_and_the_action_check_read_a_run(tmp_path, pointmaze_dir, capsys):
     run_dir, _ = run(source_args("ogbench", pointmaze_dir) + ["--output-dir", str(tmp_path)] + QUICK)
     path = f"{nf_rlbc.__file__[: -len('nf_rlbc.py')]}scripts/plot_rlbc_values.py"
     spec = importlib.util.spec_from_file_location("plot_rlbc_values", path)
@@ -248,6 +248,14 @@ def test_value_picture_prints_v_at_the_start_and_the_given_points(tmp_path, poin
     assert "V(start)" in printed and "V(6.7,14.8)" in printed and os.path.getsize(out) > 0
     with pytest.raises(SystemExit, match="expected x,y"):
         plot.main(plot.Args(runs=[run_dir], out=out, samples=4, resolution=1.0, points=["6.7"]))
+    # scripts/rlbc_actions.py on the same run: one line for the data, one per checkpoint
+    spec = importlib.util.spec_from_file_location("rlbc_actions", path.replace("plot_rlbc_values", "rlbc_actions"))
+    actions = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(actions)
+    actions.main(actions.Args(runs=[run_dir, f"{run_dir}/checkpoints/step_6.pt"], dataset_dir=pointmaze_dir))
+    printed = capsys.readouterr().out.splitlines()
+    assert len(printed) == 3 and "the data's actions at the edge" in printed[0]
+    assert all("outside the box" in line and "Q(data)" in line for line in printed[1:])
 
 
 @pytest.mark.parametrize("online", [False, True])
