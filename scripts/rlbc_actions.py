@@ -33,8 +33,8 @@ class Args:
     """dataset states to sample (the same for every checkpoint)"""
 
 
+@torch.no_grad()  # not set_grad_enabled(False): the tests call main() in their own process
 def main(args: Args):
-    torch.set_grad_enabled(False)
     loaded = [nf_rlbc.load_checkpoint(path, "runs") for path in args.runs]
     env_ids = {nf_rlbc.Args(**checkpoint["args"]).env_id for checkpoint, _ in loaded}
     if len(env_ids) != 1:
