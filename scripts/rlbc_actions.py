@@ -33,7 +33,7 @@ class Args:
     """dataset states to sample (the same for every checkpoint)"""
 
 
-@torch.no_grad()  # not set_grad_enabled(False): the tests call main() in their own process
+@torch.no_grad()  # not set_grad_enabled(False), which would outlive main() when a test calls it
 def main(args: Args):
     loaded = [nf_rlbc.load_checkpoint(path, "runs") for path in args.runs]
     env_ids = {nf_rlbc.Args(**checkpoint["args"]).env_id for checkpoint, _ in loaded}
