@@ -56,7 +56,10 @@ def main(args: Args):
         critic = nf_rlbc.Critic(obs.shape[1], actions.shape[1], run.critic_dim)
         actor.load_state_dict(checkpoint["actor"])
         critic.load_state_dict(checkpoint["critic"])
-        samples = actor.sample(obs)[0]
+        if run.policy == "fql":  # its sample() clips; the one-step policy's own output is what the update clips
+            samples = actor.one_step(torch.cat([obs, torch.randn_like(actions)], -1))
+        else:
+            samples = actor.sample(obs)[0]
         clipped = samples.clamp(-1, 1)
         q_data, q_pi = (critic(obs, a).min(0).values.mean().item() for a in (actions, clipped))
         distance = (clipped - actions).norm(dim=-1).mean().item()
