@@ -1,5 +1,6 @@
 import pathlib
 import sys
+import tempfile
 
 # The scripts and flow.py live at the repository root, as in CleanRL; make them importable from tests/.
 sys.path.insert(0, str(pathlib.Path(__file__).resolve().parents[1]))
@@ -11,6 +12,19 @@ import pytest  # noqa: E402
 import make_dataset  # noqa: E402
 
 MINARI_ID = "test/pendulum/random-v0"
+
+
+@pytest.fixture(scope="session", autouse=True)
+def contained_tempfiles(tmp_path_factory):
+    """OGBench's maze envs write their MuJoCo model with tempfile.mkstemp and never delete it (about 7 kB per env
+    made): keep those files in pytest's own temporary directory, which pytest prunes, instead of /tmp. TMPDIR
+    reaches the scripts' subprocesses and evaluation workers."""
+    path = str(tmp_path_factory.mktemp("tempfiles"))
+    patch = pytest.MonkeyPatch()
+    patch.setattr(tempfile, "tempdir", path)
+    patch.setenv("TMPDIR", path)
+    yield path
+    patch.undo()
 
 
 @pytest.fixture(scope="session")
