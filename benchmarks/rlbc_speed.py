@@ -9,6 +9,11 @@ hits every variant alike.
     python benchmarks/rlbc_speed.py --threads 1                                  # default sizes
     python benchmarks/rlbc_speed.py --threads 1 --before 1153148                 # that commit's script beside this one
     python benchmarks/rlbc_speed.py --threads 1 --encoder-dim 256 --critic-dim 256 --hidden-dim 128
+
+Each row also gives the step's floating-point work (counted by torch's FlopCounterMode: the matrix products,
+forward and backward) and the rate it achieves, against the rate of one plain matrix product of the critics'
+largest shape ([batch, width] @ [width, width]) on the same threads: the share of that rate is how much a faster
+implementation of the same arithmetic could still gain.
 """
 
 import importlib.util
@@ -22,6 +27,7 @@ from typing import List, Literal, Optional
 
 import torch
 import tyro
+from torch.utils.flop_counter import FlopCounterMode
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
@@ -166,6 +172,20 @@ def main(args: Args):
     for step, *_ in jobs.values():  # warm-up
         step()
         step()
+    flops = {}
+    for key, (step, *_) in jobs.items():
+        with FlopCounterMode(display=False) as counter:
+            step()
+        flops[key] = counter.get_total_flops()
+    width = next(iter(jobs.values()))[3].critic_dim
+    x, w = torch.randn(args.batch_size, width, device=device), torch.randn(width, width, device=device)
+    matmul_rate = (
+        2
+        * args.batch_size
+        * width
+        * width
+        / statistics.median(timed(lambda: torch.mm(x, w), device, args.min_time) for _ in range(args.rounds))
+    )
     times = {key: [] for key in jobs}
     for _ in range(args.rounds):
         for key, (step, *_) in jobs.items():
@@ -182,13 +202,20 @@ def main(args: Args):
         f"batch {args.batch_size}; flow {sizes.num_blocks} x {sizes.hidden_dim}, encoder {sizes.encoder_dim}, "
         f"critics 2 x {sizes.critic_dim}; medians of {args.rounds} rounds\n"
     )
-    print("| version | actor | actor parameters | critic parameters | steps/s | speed-up over " + f"{args.before} |")
-    print("|---|---|---|---|---|---|")
+    shape = f"[{args.batch_size}, {width}] @ [{width}, {width}]"
+    print(f"One {shape} matrix product runs at {matmul_rate / 1e9:.1f} GFLOP/s.\n")
+    print(
+        "| version | actor | actor parameters | critic parameters | steps/s | speed-up over "
+        + f"{args.before} | GFLOP per step | GFLOP/s | share of the matrix product's rate |"
+    )
+    print("|---|---|---|---|---|---|---|---|---|")
     for (version, policy), (_, actor_count, critic_count, _) in jobs.items():
         before = med.get((args.before, policy))
         seconds = med[(version, policy)]
         ratio = f"{before / seconds:.2f}x" if before else "-"
-        print(f"| {version} | {policy} | {actor_count:,} | {critic_count:,} | {1 / seconds:.1f} | {ratio} |")
+        rate = flops[(version, policy)] / seconds
+        work = f"{flops[(version, policy)] / 1e9:.2f} | {rate / 1e9:.1f} | {rate / matmul_rate:.0%}"
+        print(f"| {version} | {policy} | {actor_count:,} | {critic_count:,} | {1 / seconds:.1f} | {ratio} | {work} |")
 
 
 if __name__ == "__main__":
