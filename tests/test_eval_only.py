@@ -76,3 +76,32 @@ def test_summarize_runs_tabulates_eval_only_results(tmp_path, pointmaze_dir, cap
     summarize.main(str(tmp_path), eval_only=True)
     rows = [line for line in capsys.readouterr().out.splitlines() if line.startswith("| pointmaze")]
     assert len(rows) == 1 and "| 4 |" in rows[0] and rows[0].endswith("| - |")  # step 4; no wall time
+
+
+def test_plot_curves_groups_seeds_and_skips_missing_values(tmp_path):
+    import importlib.util
+    import json
+
+    path = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "scripts", "plot_curves.py")
+    spec = importlib.util.spec_from_file_location("plot_curves", path)
+    plot = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(plot)
+    runs = {
+        "a1": ("flow", 3, "0,0.1\n10,0.5\n20,0.7\n"),
+        "a2": ("flow", 3, "0,0.3\n10,nan\n"),
+        "b": ("flow", 10, "0,1"),
+    }
+    for name, (exp, alpha, rows) in runs.items():
+        os.makedirs(tmp_path / name)
+        (tmp_path / name / "args.json").write_text(
+            json.dumps(dict(env_id="e", exp_name=exp, policy="flow", alpha=alpha))
+        )
+        (tmp_path / name / "eval.csv").write_text("step,success\n" + rows)
+    groups = plot.read_groups([str(tmp_path)], "success", "step", label_args=["alpha"])
+    assert sorted(groups) == [("e", "flow", "flow", "alpha 10"), ("e", "flow", "flow", "alpha 3")]
+    seeds = groups[("e", "flow", "flow", "alpha 3")]
+    assert sorted(len(xs) for xs, _ in seeds) == [1, 3]  # the nan row is left out
+    plot.main(plot.Args(roots=[str(tmp_path)], out=str(tmp_path / "c.png"), label_args=["alpha"]))
+    assert (tmp_path / "c.png").stat().st_size > 0
+    with pytest.raises(SystemExit, match="no runs with args.json and a 'return' column"):
+        plot.read_groups([str(tmp_path)], "return", "step")
