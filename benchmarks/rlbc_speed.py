@@ -206,7 +206,7 @@ def main(args: Args):
     print(f"One {shape} matrix product runs at {matmul_rate / 1e9:.1f} GFLOP/s.\n")
     print(
         "| version | actor | actor parameters | critic parameters | steps/s | speed-up over "
-        + f"{args.before} | GFLOP per step | GFLOP/s | share of the matrix product's rate |"
+        + f"{args.before or '--before'} | GFLOP per step | GFLOP/s | share of the matrix product's rate |"
     )
     print("|---|---|---|---|---|---|---|---|---|")
     for (version, policy), (_, actor_count, critic_count, _) in jobs.items():
