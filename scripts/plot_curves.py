@@ -54,7 +54,8 @@ def read_groups(roots: List[str], metric: str, x: str, only: Optional[List[str]]
             with open(csv_path) as f:
                 rows = [r for r in csv.DictReader(f) if r.get(metric) not in (None, "", "nan")]
             if rows:
-                label = ", ".join(f"{k} {args.get(k)}" for k in label_args)
+                values = {k: args.get(k) for k in label_args}
+                label = ", ".join(f"{k} {v:g}" if isinstance(v, float) else f"{k} {v}" for k, v in values.items())
                 policy = args.get("policy", args.get("goal_strategy", "?"))
                 key = (args["env_id"], args.get("exp_name", "?"), policy, label)
                 groups[key].append((np.array([float(r[x]) for r in rows]), np.array([float(r[metric]) for r in rows])))
