@@ -256,6 +256,18 @@ def test_the_value_picture_and_the_action_check_read_a_run(tmp_path, pointmaze_d
     printed = capsys.readouterr().out.splitlines()
     assert len(printed) == 3 and "the data's actions at the edge" in printed[0]
     assert all("outside the box" in line and "Q(data)" in line for line in printed[1:])
+    # scripts/rlbc_eval_noise.py: noise x 1 is the run's own last evaluation, on the same episodes and noise
+    spec = importlib.util.spec_from_file_location(
+        "rlbc_eval_noise", path.replace("plot_rlbc_values", "rlbc_eval_noise")
+    )
+    noise = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(noise)
+    noise.main(noise.Args(runs=[run_dir], scales=[1.0, 0.0], dataset_dir=pointmaze_dir))
+    printed = [line for line in capsys.readouterr().out.splitlines() if "noise x" in line]
+    with open(f"{run_dir}/eval.csv") as f:
+        last = list(csv.DictReader(f))[-1]
+    assert len(printed) == 2 and "step 6, noise x 1: " in printed[0] and "noise x 0: " in printed[1]
+    assert f"success {float(last['success']):.2f}, return {float(last['return']):.1f}" in printed[0]
 
 
 @pytest.mark.parametrize("online", [False, True])
