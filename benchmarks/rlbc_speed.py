@@ -179,13 +179,8 @@ def main(args: Args):
         flops[key] = counter.get_total_flops()
     width = next(iter(jobs.values()))[3].critic_dim
     x, w = torch.randn(args.batch_size, width, device=device), torch.randn(width, width, device=device)
-    matmul_rate = (
-        2
-        * args.batch_size
-        * width
-        * width
-        / statistics.median(timed(lambda: torch.mm(x, w), device, args.min_time) for _ in range(args.rounds))
-    )
+    seconds = statistics.median(timed(lambda: torch.mm(x, w), device, args.min_time) for _ in range(args.rounds))
+    matmul_rate = 2 * args.batch_size * width * width / seconds
     times = {key: [] for key in jobs}
     for _ in range(args.rounds):
         for key, (step, *_) in jobs.items():

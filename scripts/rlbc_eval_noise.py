@@ -16,6 +16,7 @@ import sys
 from dataclasses import dataclass, field
 from typing import List
 
+import gymnasium
 import torch
 import tyro
 
@@ -58,7 +59,7 @@ def main(args: Args):
         run.eval_episodes = args.eval_episodes or run.eval_episodes
         _, make_env, obs_space, action_space, score_fn = nf_rlbc.load_task(run)
         low, high = nf_rlbc.action_box(run.env_id, action_space)
-        obs_dim, action_dim = len(nf_rlbc.flatten_observation(obs_space, obs_space.sample())), len(low)
+        obs_dim, action_dim = gymnasium.spaces.flatdim(obs_space), len(low)
         actor = nf_rlbc.ACTORS[run.policy](obs_dim, action_dim, run)
         actor.load_state_dict(checkpoint["actor"])
         envs = nf_rlbc.EnvPool(make_env, min(run.eval_envs, run.eval_episodes))
