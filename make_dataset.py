@@ -15,7 +15,8 @@ its oracle: every episode starts in the same cell and drives to one of several g
 all the same number of cells away along different routes. The file also records the environment, the
 start and the goal cells, and nf_bc.py evaluates a policy by reaching any of the goals.
 
-Episodes are seeded one by one from --seed, so the files are the same for any --num-workers. Files are
+Episodes are seeded one by one from --seed, so on one machine the files are the same for any --num-workers
+(across machines the simulation's floating point may differ: see docs/datasets.md). Files are
 written under a temporary name and renamed, so a killed run never leaves a file that loads.
 """
 
