@@ -1096,6 +1096,26 @@ def read_checkpoint(args: Args):
     return checkpoint, path, dataclasses.replace(args, total_steps=checkpoint["step"])
 
 
+def restore(checkpoint: dict, path: str, args: Args, parts: dict, log_temperature, replay, sampler):
+    """Load a checkpoint into the run's `parts` (networks and optimisers): with --resume everything, to continue
+    exactly; with --finetune-from the networks and their optimisers, at this command's learning rate."""
+    if set(checkpoint["critic"]) != set(parts["critic"].state_dict()):
+        why = "its critics are not this version's one batched network (saved before they were batched?)"
+        raise SystemExit(f"{path}: {why}; train it again with this nf_rlbc.py")
+    if not args.resume:
+        for key in ("actor", "critic", "target_critic", "actor_optimizer", "critic_optimizer"):
+            parts[key].load_state_dict(checkpoint[key])
+        for group in parts["actor_optimizer"].param_groups + parts["critic_optimizer"].param_groups:
+            group["lr"] = args.learning_rate
+        return
+    for key, part in parts.items():
+        part.load_state_dict(checkpoint[key])
+    with torch.no_grad():
+        log_temperature.copy_(checkpoint["log_temperature"])
+    replay.load_online_part(checkpoint["online_transitions"])
+    restore_rng(checkpoint, sampler)
+
+
 def resumed_args(args):
     """--resume: (the checkpoint, its path, the run's saved arguments); with --eval-only, this command's evaluation
     flags (--eval-episodes, --eval-max-steps, --capture-video) replace the saved ones. Without --resume: no
@@ -1203,21 +1223,8 @@ def main(args: Args):
     optimizers["temperature"] = adam([log_temperature])
     parts = {"actor": actor, "critic": critic, "target_critic": target_critic}  # what a checkpoint holds
     parts.update({f"{k}_optimizer": v for k, v in optimizers.items()})
-    if checkpoint is not None and set(checkpoint["critic"]) != set(critic.state_dict()):
-        why = "its critics are not this version's one batched network (saved before they were batched?)"
-        raise SystemExit(f"{path}: {why}; train it again with this nf_rlbc.py")
-    if checkpoint is not None and args.resume:  # everything, to continue exactly
-        for key, part in parts.items():
-            part.load_state_dict(checkpoint[key])
-        with torch.no_grad():
-            log_temperature.copy_(checkpoint["log_temperature"])
-        replay.load_online_part(checkpoint["online_transitions"])
-        restore_rng(checkpoint, sampler)
-    elif checkpoint is not None:  # --finetune-from: the networks and their optimisers, this command's learning rate
-        for key in ("actor", "critic", "target_critic", "actor_optimizer", "critic_optimizer"):
-            parts[key].load_state_dict(checkpoint[key])
-        for group in optimizers["actor"].param_groups + optimizers["critic"].param_groups:
-            group["lr"] = args.learning_rate
+    if checkpoint is not None:
+        restore(checkpoint, path, args, parts, log_temperature, replay, sampler)
     start_step = checkpoint["step"] if checkpoint is not None else 0
     graphed = args.compile and device.type == "cuda"  # the offline step as one CUDA graph
     for group in (g for o in optimizers.values() for g in o.param_groups):
