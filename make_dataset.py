@@ -22,6 +22,7 @@ written under a temporary name and renamed, so a killed run never leaves a file 
 
 import difflib
 import glob
+import hashlib
 import math
 import multiprocessing
 import os
@@ -473,6 +474,8 @@ def make_dataset(args: Args) -> Dict[str, str]:
         f"wrote {len(train['actions']):,} train + {len(val['actions']):,} val transitions in {elapsed:.0f} s "
         f"({total / elapsed:,.0f}/s) to {paths['train']}"
     )
+    with open(paths["train"], "rb") as f:  # to check that another machine made the same file (it may not)
+        print(f"md5 of the training file: {hashlib.file_digest(f, 'md5').hexdigest()}")
     return paths
 
 
