@@ -947,9 +947,9 @@ def main(args: Args):
     # fused: one kernel for all parameter tensors (on CPU ~5x faster than the default per-tensor loop)
     optimizer = torch.optim.AdamW(policy.parameters(), args.learning_rate, weight_decay=args.weight_decay, fused=True)
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: lr_factor(step, args))
-    start_step = 0
+    start_step, parts = 0, dict(policy=policy, optimizer=optimizer, scheduler=scheduler)  # what a checkpoint holds
     if checkpoint is not None:
-        for part, key in ((policy, "policy"), (optimizer, "optimizer"), (scheduler, "scheduler")):
+        for key, part in parts.items():
             part.load_state_dict(checkpoint[key])
         restore_rng(checkpoint, sampler)
         start_step = checkpoint["step"]
@@ -1015,9 +1015,7 @@ def main(args: Args):
             if eval_now:
                 log.evaluation(step, evaluate_at(step, log.video_dir))
             if save_now or stopping:
-                state = dict(
-                    policy=policy.state_dict(), optimizer=optimizer.state_dict(), scheduler=scheduler.state_dict()
-                )
+                state = {key: part.state_dict() for key, part in parts.items()}
                 save_checkpoint(run_dir, step, dict(state, step=step), args, sampler)
             if stopping:
                 log.close(stopped_by=f"{stop.caught} at step {step}")
